@@ -1,0 +1,52 @@
+"""Shared defaults: the built-in street scenes, CompactSeg, AdaptSegNet's optimizers.
+
+Not run on its own: configs/adapt.py, source_only.py and oracle.py start from it.
+"""
+
+import ml_collections
+
+
+def _street_scenes(domain: str, split: str, num_examples: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name="street_scenes", domain=domain, split=split, num_examples=num_examples,
+      height=64, width=128, seed=0))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 8  # Global, per domain: 8 source + 8 target images a step.
+  config.eval_batch_size = 32
+  config.num_train_steps = 2000
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 250
+  config.keep_checkpoints = 2  # The latest K, plus the best by target mIoU.
+  config.num_eval_samples = 4  # Target images shown with predictions at each evaluation.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = _street_scenes("source", "train", 2000)  # Labelled.
+  config.data.target = _street_scenes("target", "train", 2000)  # Labels never read.
+  config.data.eval = _street_scenes("target", "val", 250)
+  config.data.crop_size = (64, 128)
+  config.data.augment = ml_collections.ConfigDict(dict(
+      scale_range=(0.75, 1.5), flip=True, brightness=0.25, contrast=0.25, saturation=0.25,
+      hue=0.05))
+  config.data.mean = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB in [0, 1].
+  config.data.std = (0.229, 0.224, 0.225)
+  config.data.num_workers = 0  # Grain worker processes; 0 reads in the main process.
+
+  config.model = ml_collections.ConfigDict(dict(
+      name="compact", width=32, dropout_rate=0.1,
+      sync_batch_stats=True,  # False: each device normalises with its own batch statistics.
+      dtype="float32", param_dtype="float32"))
+  config.disc = ml_collections.ConfigDict(dict(
+      name="fcd", width=64, dtype="float32", param_dtype="float32"))
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.seg = ml_collections.ConfigDict(dict(
+      lr=0.01, momentum=0.9, weight_decay=5e-4, power=0.9))
+  config.optim.disc = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.99, power=0.9))
+
+  config.adapt = ml_collections.ConfigDict(dict(method="source_only", lambda_adv=0.0))
+  return config

@@ -1,0 +1,106 @@
+"""The Grain input pipelines: training streams and the evaluation split.
+
+Training: each domain is a random-access source, shuffled with a seeded
+per-epoch permutation, augmented per record and repeated forever. The source
+and target streams are zipped, so they advance in lockstep and one iterator
+state (saved in every checkpoint) covers both.
+
+Multi-process: every process describes the same global stream and reads only
+its contiguous slice of each global batch (process p gets rows
+[p * B/P, (p+1) * B/P) of batch t). The global batches are therefore the same
+for any number of processes, and so are the results.
+"""
+
+import dataclasses
+
+import grain
+import ml_collections
+import numpy as np
+
+from segjax import data
+from segjax.data.augment import TrainAugment
+from segjax.losses import IGNORE_LABEL
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+  return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+def _drop_label(element: dict) -> dict:
+  """Target images are unlabelled for training: their labels never enter the stream."""
+  return {"image": element["image"]}
+
+
+def _as_domains(pair: tuple) -> dict:
+  return {"source": pair[0], "target": pair[1]}
+
+
+def _as_source(element: dict) -> dict:
+  return {"source": element}
+
+
+def _augmentation(config: ml_collections.ConfigDict) -> TrainAugment:
+  aug = config.data.augment
+  return TrainAugment(crop_size=tuple(config.data.crop_size), scale_range=tuple(aug.scale_range),
+                      flip=aug.flip, brightness=aug.brightness, contrast=aug.contrast,
+                      saturation=aug.saturation, hue=aug.hue)
+
+
+def _domain_stream(source, seed: int, augment: TrainAugment) -> grain.MapDataset:
+  return grain.MapDataset.source(source).seed(seed).shuffle().random_map(augment).repeat()
+
+
+def _process_slice(ds: grain.MapDataset, global_batch: int, process_index: int,
+                   process_count: int) -> grain.MapDataset:
+  """Batches of B/P records, process p taking every P-th one starting at p."""
+  return ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
+
+
+def train_dataset(config: ml_collections.ConfigDict, *, with_target: bool, process_index: int,
+                  process_count: int) -> grain.IterDataset:
+  """Infinite stream of local batches {'source': {image, label}[, 'target': {image}]}."""
+  augment = _augmentation(config)
+  source = _domain_stream(data.build_source(config.data.source, "data.source"),
+                          _stream_seed(config.seed, 0), augment)
+  if with_target:
+    target = _domain_stream(data.build_source(config.data.target, "data.target"),
+                            _stream_seed(config.seed, 1), augment).map(_drop_label)
+    ds = grain.experimental.ZipMapDataset(parents=[source, target]).map(_as_domains)
+  else:
+    ds = source.map(_as_source)
+  ds = _process_slice(ds, config.batch_size, process_index, process_count).to_iter_dataset()
+  if config.data.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  return ds
+
+
+@dataclasses.dataclass(frozen=True)
+class _PadToLength(grain.transforms.Map):
+  """Index -> record; indices past the end give an all-ignore record of the same shape."""
+  source: object
+  length: int
+
+  def map(self, index: int) -> dict:
+    if index < self.length:
+      return dict(self.source[index])
+    first = self.source[0]
+    return {"image": np.zeros_like(first["image"]),
+            "label": np.full_like(first["label"], IGNORE_LABEL)}
+
+
+def eval_dataset(config: ml_collections.ConfigDict, *, process_index: int,
+                 process_count: int) -> tuple[grain.MapDataset, int]:
+  """Local batches covering the evaluation split once, and the number of real examples.
+
+  The split is padded to a whole number of global batches with ignore-only
+  records, which the confusion matrix does not count.
+  """
+  source = data.build_source(config.data.eval, "data.eval")
+  length = len(source)
+  if length == 0:
+    raise ValueError(f"The evaluation split (config.data.eval = {config.data.eval.to_dict()}) "
+                     "is empty.")
+  global_batch = config.eval_batch_size
+  padded = -(-length // global_batch) * global_batch
+  ds = grain.MapDataset.range(padded).map(_PadToLength(source, length))
+  return _process_slice(ds, global_batch, process_index, process_count), length

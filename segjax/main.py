@@ -1,0 +1,45 @@
+"""Entry point: python -m segjax.main --config=configs/adapt.py --workdir=DIR.
+
+Any config field can be overridden on the command line, e.g.
+`--config.batch_size=16 --config.adapt.lambda_adv=0.01`. Rerunning the same
+command on the same workdir resumes from its latest checkpoint. As one process
+of several (a SLURM job, or launch/local.py), it joins the job before JAX is
+touched.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from segjax import parallel, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard files.")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for multi-process jobs not started by SLURM.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process job.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process job.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+  """Drops the INFO chatter of Orbax and Grain (warnings and errors still show)."""
+
+  def filter(self, record) -> bool:
+    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
+    return record.levelno >= logging.WARNING or not noisy
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
+  parallel.log_topology()
+  logging.info("Config:\n%s", FLAGS.config)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

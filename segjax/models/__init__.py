@@ -1,0 +1,42 @@
+"""Segmentation networks and discriminators, looked up by name from the config."""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from segjax.models import compact, discriminators
+
+# Each builder takes (model config, num_classes) and returns a linen Module.
+SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
+    "compact": compact.CompactSeg.from_config,
+}
+
+DISCRIMINATORS: dict[str, Callable[..., nn.Module]] = {
+    "fcd": discriminators.FCDiscriminator.from_config,
+}
+
+
+def _lookup(registry: dict, kind: str, name: str):
+  if name not in registry:
+    raise ValueError(
+        f"Unknown {kind} name {name!r} (config field {kind}.name); "
+        f"expected one of {sorted(registry)}.")
+  return registry[name]
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  """Maps a config string ('float32', 'bfloat16', ...) to a dtype."""
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ValueError(f"Unknown dtype {name!r}; expected e.g. 'float32' or 'bfloat16'.") from e
+
+
+def build_segmenter(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  return _lookup(SEGMENTERS, "model", config.name)(config, num_classes)
+
+
+def build_discriminator(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  return _lookup(DISCRIMINATORS, "disc", config.name)(config, num_classes)

@@ -1,0 +1,83 @@
+"""CompactSeg: a small encoder-decoder that trains in minutes on a CPU.
+
+The shape of DeepLabV3+ at toy width: a residual encoder to output stride 8,
+dilated context blocks and image pooling, and a decoder that fuses stride-4
+features before the classifier. Logits come back at the input's resolution.
+"""
+
+from typing import Self
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from segjax.models import layers
+
+
+class ResidualBlock(nn.Module):
+  features: int
+  strides: int = 1
+  dilation: int = 1
+  bn_axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    common = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+    y = layers.ConvBNReLU(self.features, strides=self.strides, dilation=self.dilation,
+                          **common)(x, train)
+    y = nn.Conv(self.features, (3, 3), padding=[(self.dilation,) * 2] * 2,
+                kernel_dilation=self.dilation, use_bias=False,
+                kernel_init=nn.initializers.kaiming_normal(),
+                dtype=self.dtype, param_dtype=self.param_dtype)(y)
+    y = layers.batch_norm(train, self.bn_axis_name, self.dtype, self.param_dtype)(y)
+    if x.shape[-1] != self.features or self.strides != 1:
+      x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
+                  dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = layers.batch_norm(train, self.bn_axis_name, self.dtype, self.param_dtype)(x)
+    return nn.relu(x + y)
+
+
+class CompactSeg(nn.Module):
+  """Returns logits (N, H, W, num_classes) in float32 for images (N, H, W, 3)."""
+  num_classes: int
+  width: int = 32
+  dropout_rate: float = 0.1
+  bn_axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
+    from segjax.models import dtype_of  # pylint: disable=import-outside-toplevel
+    return cls(num_classes=num_classes, width=config.width, dropout_rate=config.dropout_rate,
+               bn_axis_name="data" if config.sync_batch_stats else None,
+               dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype))
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    common = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+    w = self.width
+    height, width = images.shape[1:3]
+    x = images.astype(self.dtype)
+    x = layers.ConvBNReLU(w, strides=2, **common)(x, train)            # 1/2
+    x = ResidualBlock(w, **common)(x, train)
+    low = ResidualBlock(2 * w, strides=2, **common)(x, train)          # 1/4
+    x = ResidualBlock(4 * w, strides=2, **common)(low, train)          # 1/8
+    x = ResidualBlock(4 * w, dilation=2, **common)(x, train)
+    x = ResidualBlock(4 * w, dilation=4, **common)(x, train)
+    # Image pooling: the global context of DeepLab's ASPP.
+    pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+    pooled = layers.ConvBNReLU(4 * w, kernel_size=1, **common)(pooled, train)
+    x = jnp.concatenate([x, jnp.broadcast_to(pooled, x.shape)], axis=-1)
+    x = layers.ConvBNReLU(4 * w, kernel_size=1, **common)(x, train)
+    # Decoder: upsample to stride 4 and fuse the low-level features.
+    x = layers.resize_bilinear(x, *low.shape[1:3])
+    low = layers.ConvBNReLU(w, kernel_size=1, **common)(low, train)
+    x = jnp.concatenate([x, low], axis=-1)
+    x = layers.ConvBNReLU(2 * w, **common)(x, train)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+                     param_dtype=self.param_dtype)(x)
+    return layers.resize_bilinear(logits, height, width).astype(jnp.float32)

@@ -1,0 +1,38 @@
+"""Domain discriminators for adversarial adaptation."""
+
+from typing import Self
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+
+class FCDiscriminator(nn.Module):
+  """AdaptSegNet's fully-convolutional discriminator (Tsai et al., CVPR 2018).
+
+  Four 4x4 stride-2 convolutions (64-128-256-512 channels at width 64) with
+  LeakyReLU(0.2), then a 4x4 stride-2 convolution to one logit per cell; no
+  normalisation. Input: a per-pixel class-probability map (N, H, W, C).
+  With 19 input classes and width 64 it has 2,781,121 parameters.
+  """
+  width: int = 64
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
+    del num_classes  # The input width is inferred from the probability map.
+    from segjax.models import dtype_of  # pylint: disable=import-outside-toplevel
+    return cls(width=config.width, dtype=dtype_of(config.dtype),
+               param_dtype=dtype_of(config.param_dtype))
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(self.dtype)
+    for mult in (1, 2, 4, 8):
+      x = nn.Conv(self.width * mult, (4, 4), strides=2, padding=[(1, 1), (1, 1)],
+                  dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = nn.leaky_relu(x, negative_slope=0.2)
+    x = nn.Conv(1, (4, 4), strides=2, padding=[(1, 1), (1, 1)],
+                dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return x.astype(jnp.float32)

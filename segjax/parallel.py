@@ -1,0 +1,77 @@
+"""The device mesh, data-parallel mapping of per-device steps, and multi-process start-up."""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Joins a multi-process job; must run before any other JAX call.
+
+  Explicit arguments (the local launcher passes them) win; otherwise a SLURM job
+  with several tasks is detected from its environment. A single process does
+  nothing.
+  """
+  if num_processes is not None and num_processes > 1:
+    if coordinator_address is None or process_id is None:
+      raise ValueError("--num_processes > 1 needs --coordinator_address and --process_id.")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+    jax.distributed.initialize()  # JAX reads the coordinator, rank and size from SLURM.
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device of every process, in process order."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, field: str = "batch_size") -> None:
+  """The global batch must split evenly over processes and devices."""
+  devices, processes = jax.device_count(), jax.process_count()
+  if batch_size <= 0 or batch_size % devices:
+    raise ValueError(
+        f"config.{field}={batch_size} must be a positive multiple of the number of devices "
+        f"({devices} over {processes} process(es)); e.g. {devices * max(1, batch_size // devices)}.")
+
+
+def data_parallel(per_device_fn: Callable, mesh: Mesh, in_specs: tuple, out_specs: Any,
+                  donate_argnums: tuple[int, ...] = ()) -> Callable:
+  """jit(shard_map(per_device_fn)): per-device code with explicit collectives."""
+  return jax.jit(jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs),
+                 donate_argnums=donate_argnums)
+
+
+def to_global(local_batch: Any, mesh: Mesh) -> Any:
+  """Assembles each process's slice of the batch into one array sharded over `data`."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in global order."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
+
+
+def log_topology() -> None:
+  logging.info("JAX process %d of %d, %d local / %d global devices (%s).",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)

@@ -1,0 +1,236 @@
+"""The training loop: build, restore, train, evaluate, checkpoint, report.
+
+One linear function, `train_and_evaluate`, reads top to bottom; the pure steps
+live in `segjax.steps`, the mesh in `segjax.parallel`, the input pipeline in
+`segjax.data.pipeline`.
+"""
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.sharding import PartitionSpec as P
+
+from segjax import checkpointing, data, metrics, models, optim, parallel, reporting, steps
+from segjax.data import pipeline
+
+# adapt.method -> does it train a discriminator against unlabelled target images?
+METHODS = {"source_only": False, "adaptsegnet": True}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails early, naming the field, on settings that cannot work."""
+  if config.adapt.method not in METHODS:
+    raise ValueError(f"Unknown adaptation method {config.adapt.method!r} (config field "
+                     f"adapt.method); expected one of {sorted(METHODS)}.")
+  for field in ("num_train_steps", "log_every_steps", "eval_every_steps",
+                "checkpoint_every_steps"):
+    if config[field] <= 0:
+      raise ValueError(f"config.{field}={config[field]} must be positive.")
+  for field in ("eval_every_steps", "checkpoint_every_steps"):
+    if config[field] % config.log_every_steps:
+      raise ValueError(
+          f"config.{field}={config[field]} must be a multiple of config.log_every_steps="
+          f"{config.log_every_steps}, so that a resumed run logs the same averages.")
+  parallel.check_batch_size(config.batch_size, "batch_size")
+  parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
+  models.build_segmenter(config.model, 1)
+  if METHODS[config.adapt.method]:
+    models.build_discriminator(config.disc, 1)
+  source_info = data.dataset_info(config.data.source, "data.source")
+  for field in ("data.target", "data.eval"):
+    info = data.dataset_info(config.data[field.split(".")[1]], field)
+    if info.class_names != source_info.class_names:
+      raise ValueError(f"{field} ({config.data[field.split('.')[1]].name}) and data.source do "
+                       "not share one label space.")
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks that it is writable, naming it if not."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"Cannot write to the workdir {workdir!r}: {e.strerror or e}. "
+                          "Pass a --workdir you can create files in.") from e
+
+
+def create_states(config: ml_collections.ConfigDict, rng: jax.Array, num_classes: int,
+                  mesh) -> tuple[dict, dict]:
+  """Builds the TrainStates (replicated on the mesh) and their learning-rate schedules."""
+  height, width = config.data.crop_size
+  seg_model = models.build_segmenter(config.model, num_classes)
+  seg_tx, seg_lr = optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
+  seg_rng, disc_rng = jax.random.split(rng)
+
+  def init_seg():
+    variables = seg_model.init(seg_rng, jnp.zeros((1, height, width, 3)), train=False)
+    return steps.TrainState.create(apply_fn=seg_model.apply, params=variables["params"],
+                                   batch_stats=variables["batch_stats"], tx=seg_tx)
+
+  inits, schedules = {"seg": init_seg}, {"seg": seg_lr}
+  if METHODS[config.adapt.method]:
+    disc_model = models.build_discriminator(config.disc, num_classes)
+    disc_tx, disc_lr = optim.discriminator_optimizer(config.optim.disc, config.num_train_steps)
+
+    def init_disc():
+      variables = disc_model.init(disc_rng, jnp.zeros((1, height, width, num_classes)))
+      return steps.TrainState.create(apply_fn=disc_model.apply, params=variables["params"],
+                                     tx=disc_tx)
+
+    inits["disc"], schedules["disc"] = init_disc, disc_lr
+  replicated = parallel.replicated(mesh)
+  states = {name: jax.jit(init, out_shardings=replicated)() for name, init in inits.items()}
+  return states, schedules
+
+
+def evaluate(eval_fn, seg_state, eval_ds, mesh, num_classes: int,
+             num_samples: int) -> tuple[np.ndarray, dict]:
+  """Runs the evaluation split once; returns the confusion matrix and a few samples."""
+  confusion = jax.device_put(jnp.zeros((num_classes, num_classes), jnp.int32),
+                             parallel.replicated(mesh))
+  total = np.zeros((num_classes, num_classes), np.int64)
+  pixels_on_device, samples = 0, {}
+  for local_batch in eval_ds:
+    batch_pixels = local_batch["label"].size * jax.process_count()
+    if pixels_on_device + batch_pixels >= 2 ** 31:  # Flush before the int32 sum could overflow.
+      total += np.asarray(confusion)
+      confusion, pixels_on_device = jnp.zeros_like(confusion), 0
+    confusion, preds = eval_fn(seg_state, parallel.to_global(local_batch, mesh), confusion)
+    pixels_on_device += batch_pixels
+    if not samples:
+      n = min(num_samples, len(local_batch["image"]))
+      samples = {"image": local_batch["image"][:n], "label": local_batch["label"][:n],
+                 "pred": parallel.local_rows(preds)[:n]}
+  total += np.asarray(confusion)
+  return total, samples
+
+
+def _eval_summary(confusion: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float]:
+  result = metrics.scores(confusion)
+  summary = {"eval/miou": result["miou"], "eval/pixel_acc": result["pixel_acc"],
+             "eval/mean_acc": result["mean_acc"]}
+  summary.update({f"eval/iou/{name}": float(iou) for name, iou in zip(class_names, result["iou"])})
+  return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from the latest checkpoint in `workdir`); returns the final eval metrics."""
+  validate_config(config)
+  prepare_workdir(workdir)
+  is_primary = jax.process_index() == 0
+  mesh = parallel.make_mesh()
+  info = data.dataset_info(config.data.source, "data.source")
+  adapt = METHODS[config.adapt.method]
+  writer = reporting.create_writer(workdir, is_primary=is_primary)
+
+  # ---- States, input and checkpoints.
+  root_rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(root_rng)
+  states, schedules = create_states(config, init_rng, info.num_classes, mesh)
+  train_iter = iter(pipeline.train_dataset(config, with_target=adapt,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count()))
+  eval_ds, num_eval = pipeline.eval_dataset(config, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.keep_checkpoints)
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    states = ckpt.restore(start_step, checkpointing.abstract_like(states), train_iter)
+    logging.info("Resumed from the checkpoint at step %d in %s.", start_step, workdir)
+    if is_primary:
+      reporting.truncate_metrics(workdir, start_step)
+  else:
+    logging.info("No checkpoint in %s: training from scratch.", workdir)
+    if is_primary:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    writer.write_hparams(dict(_flatten(config.to_dict())))
+
+  # ---- Compiled steps.
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
+  train_step = parallel.data_parallel(
+      functools.partial(steps.train_step, lambda_adv=config.adapt.lambda_adv,
+                        lr_fn=schedules["seg"], mean=mean, std=std),
+      mesh, in_specs=(P(), P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(), P()),
+      donate_argnums=(0, 1))
+  eval_step = parallel.data_parallel(
+      functools.partial(steps.eval_step, num_classes=info.num_classes, mean=mean, std=std),
+      mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(parallel.DATA_AXIS)))
+
+  def run_eval(state, step: int, write: bool = True) -> dict[str, float]:
+    confusion, samples = evaluate(eval_step, state, eval_ds, mesh, info.num_classes,
+                                  config.num_eval_samples)
+    summary = _eval_summary(confusion, info.class_names)
+    logging.info("Step %d: target mIoU %.4f on %d images.", step, summary["eval/miou"], num_eval)
+    if not write:
+      return summary
+    writer.write_scalars(step, summary)
+    writer.write_images(step, {"eval/samples": reporting.sample_grid(
+        samples["image"], samples["pred"], samples["label"], info.palette)})
+    return summary
+
+  # ---- Train.
+  seg_state, disc_state = states["seg"], states.get("disc")
+  report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                           every_steps=config.log_every_steps, every_secs=None)
+  pending, last_log_time, summary = [], time.monotonic(), {}
+  with metric_writers.ensure_flushes(writer):
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = parallel.to_global(next(train_iter), mesh)
+        seg_state, disc_state, step_metrics = train_step(
+            seg_state, disc_state, batch, jax.random.fold_in(step_rng, step))
+      pending.append(step_metrics)
+      report(step)
+      last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or last:
+        means = {f"train/{k}": float(np.mean(v))
+                 for k, v in jax.device_get(jax.tree.map(lambda *x: np.stack(x), *pending)).items()}
+        if not all(np.isfinite(v) for v in means.values()):
+          raise FloatingPointError(f"Non-finite training metrics at step {step}: {means}. "
+                                   "No checkpoint was written for this step.")
+        now = time.monotonic()
+        means["train/steps_per_sec"] = len(pending) / (now - last_log_time)
+        writer.write_scalars(step, means)
+        pending, last_log_time = [], now
+      eval_metrics = None
+      if step % config.eval_every_steps == 0 or last:
+        summary = run_eval(seg_state, step)
+        eval_metrics = {"miou": summary["eval/miou"]}
+      if step % config.checkpoint_every_steps == 0 or eval_metrics is not None:
+        writer.flush()
+        saved = {"seg": seg_state} | ({"disc": disc_state} if disc_state is not None else {})
+        ckpt.save(step, saved, train_iter, metrics=eval_metrics)
+    if start_step >= config.num_train_steps:
+      logging.info("Training already finished at step %d; evaluating.", start_step)
+      summary = run_eval(seg_state, start_step, write=False)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  writer.close()
+  if is_primary:
+    with open(os.path.join(workdir, "final_metrics.json.tmp"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(os.path.join(workdir, "final_metrics.json.tmp"),
+               os.path.join(workdir, "final_metrics.json"))
+  return summary
+
+
+def _flatten(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      yield from _flatten(value, name + ".")
+    else:
+      yield name, value if isinstance(value, (int, float, str, bool)) else str(value)
