@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.batch_size = 8  # Global, per domain: 8 source + 8 target images a step.
   config.eval_batch_size = 32
-  config.num_train_steps = 2000
+  config.num_train_steps = 1500
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 250

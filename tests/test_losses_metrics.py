@@ -1,0 +1,71 @@
+"""Losses and metrics on hand-computed arrays."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from segjax import losses, metrics
+
+
+def test_cross_entropy_ignores_255_and_matches_hand_values():
+  # Two classes; pixel logits (0, 0) -> CE ln 2; (0, ln 3) with label 1 -> CE ln(4/3).
+  logits = jnp.array([[[[0.0, 0.0], [0.0, math.log(3.0)], [5.0, -5.0]]]])
+  labels = jnp.array([[[0, 1, 255]]])
+  total, count = losses.cross_entropy(logits, labels)
+  assert float(count) == 2.0
+  np.testing.assert_allclose(float(total), math.log(2.0) + math.log(4.0 / 3.0), rtol=1e-6)
+
+
+def test_cross_entropy_class_weights_weight_the_mean_like_pytorch():
+  logits = jnp.zeros((1, 1, 2, 2))  # Every pixel: CE = ln 2.
+  labels = jnp.array([[[0, 1]]])
+  total, count = losses.cross_entropy(logits, labels, class_weights=jnp.array([1.0, 3.0]))
+  assert float(count) == 4.0
+  np.testing.assert_allclose(float(total / count), math.log(2.0), rtol=1e-6)
+
+
+def test_binary_cross_entropy_hand_values():
+  total, count = losses.binary_cross_entropy(jnp.array([0.0, 2.0]), 1.0)
+  assert float(count) == 2.0
+  np.testing.assert_allclose(float(total), math.log(2.0) + math.log(1 + math.exp(-2.0)),
+                             rtol=1e-6)
+
+
+def test_global_mean_counts_pixels_across_devices():
+  """Devices with different numbers of ignored pixels: the mean is over all valid pixels."""
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  n = len(jax.devices())
+  values = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+  weights = np.ones_like(values)
+  weights[0, 1:] = 0  # Device 0 counts one pixel, the others four.
+
+  def per_device(v, w):
+    return losses.global_mean(jnp.sum(v * w), jnp.sum(w), "data")
+
+  got = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P("data")),
+                              out_specs=P()))(values, weights)
+  np.testing.assert_allclose(float(got), (values * weights).sum() / weights.sum(), rtol=1e-6)
+
+
+def test_confusion_matrix_rows_are_labels_and_255_is_skipped():
+  labels = jnp.array([0, 0, 1, 2, 255, 2])
+  preds = jnp.array([0, 1, 1, 0, 2, 2])
+  expected = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1]])
+  np.testing.assert_array_equal(np.asarray(metrics.confusion_matrix(labels, preds, 3)), expected)
+
+
+def test_scores_hand_values_and_absent_class_is_nan():
+  confusion = np.array([[3, 1, 0, 0],
+                        [2, 4, 0, 0],
+                        [0, 0, 0, 0],   # Class 2: never in labels, never predicted -> NaN.
+                        [0, 0, 0, 5]])
+  result = metrics.scores(confusion)
+  iou = [3 / (4 + 5 - 3), 4 / (6 + 5 - 4), np.nan, 1.0]
+  np.testing.assert_allclose(result["iou"], iou, rtol=1e-12)
+  np.testing.assert_allclose(result["miou"], np.nanmean(iou), rtol=1e-12)
+  np.testing.assert_allclose(result["pixel_acc"], 12 / 15, rtol=1e-12)
+  np.testing.assert_allclose(result["mean_acc"], np.mean([3 / 4, 4 / 6, 1.0]), rtol=1e-12)
