@@ -7,6 +7,8 @@ of several (a SLURM job, or launch/local.py), it joins the job before JAX is
 touched.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -27,7 +29,7 @@ class _QuietLibraries:
 
   def filter(self, record) -> bool:
     noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
-    return record.levelno >= logging.WARNING or not noisy
+    return record.levelno >= std_logging.WARNING or not noisy
 
 
 def main(argv):

@@ -132,6 +132,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   info = data.dataset_info(config.data.source, "data.source")
   adapt = METHODS[config.adapt.method]
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.keep_checkpoints)
+  start_step = ckpt.latest_step() or 0
+  if start_step and is_primary:
+    reporting.truncate_metrics(workdir, start_step)  # Before the writer appends to it.
   writer = reporting.create_writer(workdir, is_primary=is_primary)
 
   # ---- States, input and checkpoints.
@@ -143,14 +148,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                            process_count=jax.process_count()))
   eval_ds, num_eval = pipeline.eval_dataset(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=config.keep_checkpoints)
-  start_step = ckpt.latest_step() or 0
   if start_step:
     states = ckpt.restore(start_step, checkpointing.abstract_like(states), train_iter)
     logging.info("Resumed from the checkpoint at step %d in %s.", start_step, workdir)
-    if is_primary:
-      reporting.truncate_metrics(workdir, start_step)
   else:
     logging.info("No checkpoint in %s: training from scratch.", workdir)
     if is_primary:

@@ -3,11 +3,33 @@
 import os
 import sys
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
+for path in (REPO_ROOT, os.path.dirname(os.path.abspath(__file__))):
+  if path not in sys.path:
+    sys.path.insert(0, path)
+
+# Grain's worker processes read absl flags, which `absl.app.run` parses in real runs.
+from absl import flags  # pylint: disable=wrong-import-position
+
+flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, cache_dir):
+  """An uninterrupted run on 8 devices: (workdir, its stderr)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  import e2e  # pylint: disable=import-outside-toplevel
+  proc = e2e.run_main(workdir, cache_dir)
+  return workdir, proc.stderr

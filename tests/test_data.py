@@ -1,0 +1,120 @@
+"""Built-in street scenes, per-record augmentation and the Grain pipelines."""
+
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from segjax.data import augment, pipeline, synthetic
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for domain in x:
+      for key in x[domain]:
+        np.testing.assert_array_equal(x[domain][key], y[domain][key])
+
+
+def test_scenes_are_deterministic_and_domains_share_labels_not_looks():
+  image, label = synthetic.generate("source", "train", 3, 64, 128)
+  again, label_again = synthetic.generate("source", "train", 3, 64, 128)
+  np.testing.assert_array_equal(image, again)
+  np.testing.assert_array_equal(label, label_again)
+  assert image.shape == (64, 128, 3) and image.dtype == np.uint8
+  assert label.shape == (64, 128) and label.max() < synthetic.NUM_CLASSES
+  other, _ = synthetic.generate("source", "val", 3, 64, 128)
+  assert not np.array_equal(image, other)
+  # The same layout rendered in the two domains: same labels, different pixels.
+  rng = np.random.default_rng(0)
+  layout = synthetic.sample_layout(rng, 64, 128)
+  source = synthetic.render(layout, "source", np.random.default_rng(1))
+  target = synthetic.render(layout, "target", np.random.default_rng(1))
+  assert np.abs(source.astype(int) - target.astype(int)).mean() > 20
+
+
+def test_scene_arguments_are_checked_with_clear_errors():
+  with pytest.raises(ValueError, match="domain"):
+    synthetic.generate("night", "train", 0, 64, 128)
+  with pytest.raises(ValueError, match="height"):
+    synthetic.StreetScenes("source", "train", num_examples=4, height=0)
+  with pytest.raises(IndexError):
+    synthetic.StreetScenes("source", "train", num_examples=4, height=32, width=64)[4]
+
+
+def test_augment_is_per_record_deterministic_and_keeps_pixels_aligned_with_labels():
+  label = np.tile(np.arange(8, dtype=np.uint8).repeat(8), (32, 1))          # 32x64 columns.
+  image = np.stack([label * 30, label, np.zeros_like(label)], -1).astype(np.uint8)
+  aug = augment.TrainAugment(crop_size=(24, 40), scale_range=(1.0, 1.0), flip=True)
+  outs = [aug.random_map({"image": image, "label": label}, np.random.default_rng(s))
+          for s in range(6)]
+  for out in outs:
+    assert out["image"].shape == (24, 40, 3) and out["label"].shape == (24, 40)
+    np.testing.assert_array_equal(out["image"][..., 0], out["label"] * 30)
+  flipped = [np.all(np.diff(o["label"][0].astype(int)) <= 0) for o in outs]
+  assert any(flipped) and not all(flipped)
+  again = aug.random_map({"image": image, "label": label}, np.random.default_rng(3))
+  np.testing.assert_array_equal(again["image"], outs[3]["image"])
+
+
+def test_augment_pads_with_ignore_when_scaled_below_the_crop():
+  aug = augment.TrainAugment(crop_size=(32, 64), scale_range=(0.5, 0.5), flip=False)
+  out = aug.random_map({"image": np.full((32, 64, 3), 9, np.uint8),
+                        "label": np.zeros((32, 64), np.uint8)}, np.random.default_rng(0))
+  assert (out["label"] == 255).sum() == 32 * 64 - 16 * 32
+  assert np.all(out["image"][out["label"] == 255] == 0)
+
+
+def test_target_stream_has_no_labels_and_domains_advance_in_lockstep():
+  config = test_config.get_config()
+  batch = next(iter(pipeline.train_dataset(config, with_target=True, process_index=0,
+                                           process_count=1)))
+  assert set(batch) == {"source", "target"}
+  assert set(batch["target"]) == {"image"}
+  assert batch["source"]["image"].shape == (8, 32, 64, 3)
+  assert batch["source"]["label"].shape == (8, 32, 64)
+
+
+def test_processes_read_their_slice_of_the_same_global_batches():
+  config = test_config.get_config()
+  whole = _take(iter(pipeline.train_dataset(config, with_target=True, process_index=0,
+                                            process_count=1)), 3)
+  halves = [_take(iter(pipeline.train_dataset(config, with_target=True, process_index=p,
+                                              process_count=2)), 3) for p in range(2)]
+  for step in range(3):
+    for domain in whole[step]:
+      for key in whole[step][domain]:
+        np.testing.assert_array_equal(
+            np.concatenate([halves[0][step][domain][key], halves[1][step][domain][key]]),
+            whole[step][domain][key])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterator_state_resumes_the_exact_stream(num_workers):
+  config = test_config.get_config()
+  config.data.num_workers = num_workers
+
+  def make():
+    return iter(pipeline.train_dataset(config, with_target=True, process_index=0,
+                                       process_count=1))
+  reference = _take(make(), 5)
+  first = make()
+  _take(first, 2)
+  state = first.get_state()
+  resumed = make()
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 3), reference[2:])
+
+
+def test_eval_split_is_padded_with_ignore_only_records():
+  config = test_config.get_config()
+  config.data.eval.num_examples = 11
+  ds, length = pipeline.eval_dataset(config, process_index=0, process_count=1)
+  batches = list(ds)
+  assert length == 11 and len(batches) == 2
+  labels = np.concatenate([b["label"] for b in batches])
+  assert np.all(labels[11:] == 255) and np.all(labels[:11] != 255)
