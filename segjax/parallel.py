@@ -1,11 +1,13 @@
 """The device mesh, data-parallel mapping of per-device steps, and multi-process start-up."""
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -39,6 +41,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def make_replicated(make: Callable[[], Any], mesh: Mesh) -> Any:
+  """Evaluates `make()` into arrays replicated over the mesh (any number of processes)."""
+  return jax.jit(make, out_shardings=replicated(mesh))()
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
@@ -65,10 +72,34 @@ def to_global(local_batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+def global_batch_spec(local_batch: Any, mesh: Mesh) -> Any:
+  """Shapes, dtypes and sharding of the global batch that `to_global` makes of `local_batch`."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(), *x.shape[1:]), x.dtype,
+                                     sharding=sharding), local_batch)
+
+
 def local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded array, in global order."""
   shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
   return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
+
+
+def compile_all(named_steps: dict[str, Callable], named_args: dict[str, tuple]) -> dict:
+  """Compiles each step ahead of time, then waits for every process to have done so.
+
+  Processes reach their first collective together, however long each one's
+  compilation took (CPU collectives give up on a peer after 30 s).
+  """
+  compiled = {}
+  for name, step in named_steps.items():
+    start = time.monotonic()
+    compiled[name] = step.lower(*named_args[name]).compile()
+    logging.info("Compiled %s in %.1f s.", name, time.monotonic() - start)
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes("segjax_compiled", timeout=3600)
+  return compiled
 
 
 def log_topology() -> None:

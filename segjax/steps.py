@@ -101,8 +101,13 @@ def disc_update(disc_state: TrainState, probs: dict, *,
 def train_step(seg_state: TrainState, disc_state: TrainState | None, batch: dict,
                rng: jax.Array, *, lambda_adv: float, lr_fn: optax.Schedule, mean, std,
                axis_name: str = "data") -> tuple[TrainState, TrainState | None, dict]:
-  """One training iteration: (a) the segmenter, then (b) the discriminator if there is one."""
-  rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # Own dropout masks per device.
+  """One training iteration: (a) the segmenter, then (b) the discriminator if there is one.
+
+  `rng` is the run's training key; the step (counted from 1) and the device
+  index are folded into it, so every step and device draws its own dropout masks.
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(rng, seg_state.step + 1),
+                           jax.lax.axis_index(axis_name))
   seg_state, step_metrics, probs = seg_update(
       seg_state, disc_state, batch, rng, lambda_adv=lambda_adv, lr_fn=lr_fn, mean=mean, std=std,
       axis_name=axis_name)

@@ -89,23 +89,25 @@ def create_states(config: ml_collections.ConfigDict, rng: jax.Array, num_classes
                                      tx=disc_tx)
 
     inits["disc"], schedules["disc"] = init_disc, disc_lr
-  replicated = parallel.replicated(mesh)
-  states = {name: jax.jit(init, out_shardings=replicated)() for name, init in inits.items()}
+  states = {name: parallel.make_replicated(init, mesh) for name, init in inits.items()}
   return states, schedules
 
 
 def evaluate(eval_fn, seg_state, eval_ds, mesh, num_classes: int,
              num_samples: int) -> tuple[np.ndarray, dict]:
   """Runs the evaluation split once; returns the confusion matrix and a few samples."""
-  confusion = jax.device_put(jnp.zeros((num_classes, num_classes), jnp.int32),
-                             parallel.replicated(mesh))
+  def zeros():
+    return parallel.make_replicated(lambda: jnp.zeros((num_classes, num_classes), jnp.int32),
+                                    mesh)
+
+  confusion = zeros()
   total = np.zeros((num_classes, num_classes), np.int64)
   pixels_on_device, samples = 0, {}
   for local_batch in eval_ds:
     batch_pixels = local_batch["label"].size * jax.process_count()
     if pixels_on_device + batch_pixels >= 2 ** 31:  # Flush before the int32 sum could overflow.
       total += np.asarray(confusion)
-      confusion, pixels_on_device = jnp.zeros_like(confusion), 0
+      confusion, pixels_on_device = zeros(), 0
     confusion, preds = eval_fn(seg_state, parallel.to_global(local_batch, mesh), confusion)
     pixels_on_device += batch_pixels
     if not samples:
@@ -146,6 +148,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter = iter(pipeline.train_dataset(config, with_target=adapt,
                                            process_index=jax.process_index(),
                                            process_count=jax.process_count()))
+  first_train_batch = pipeline.train_batches(config, with_target=adapt,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count())[0]
   eval_ds, num_eval = pipeline.eval_dataset(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())
   if start_step:
@@ -168,6 +173,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_step = parallel.data_parallel(
       functools.partial(steps.eval_step, num_classes=info.num_classes, mean=mean, std=std),
       mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(parallel.DATA_AXIS)))
+  step_rng = parallel.make_replicated(lambda: step_rng, mesh)
+  confusion_spec = jax.ShapeDtypeStruct((info.num_classes,) * 2, jnp.int32,
+                                        sharding=parallel.replicated(mesh))
+  compiled = parallel.compile_all(
+      {"train_step": train_step, "eval_step": eval_step},
+      {"train_step": (states["seg"], states.get("disc"),
+                      parallel.global_batch_spec(first_train_batch, mesh), step_rng),
+       "eval_step": (states["seg"], parallel.global_batch_spec(eval_ds[0], mesh),
+                     confusion_spec)})
+  train_step, eval_step = compiled["train_step"], compiled["eval_step"]
 
   def run_eval(state, step: int, write: bool = True) -> dict[str, float]:
     confusion, samples = evaluate(eval_step, state, eval_ds, mesh, info.num_classes,
@@ -190,8 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = parallel.to_global(next(train_iter), mesh)
-        seg_state, disc_state, step_metrics = train_step(
-            seg_state, disc_state, batch, jax.random.fold_in(step_rng, step))
+        seg_state, disc_state, step_metrics = train_step(seg_state, disc_state, batch, step_rng)
       pending.append(step_metrics)
       report(step)
       last = step == config.num_train_steps

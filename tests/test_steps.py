@@ -122,8 +122,9 @@ def test_train_step_is_segmenter_then_discriminator_update():
   setup = _setup(1)
   batch = parallel.to_global(_batch(), setup.mesh)
   seg, disc = setup.states()
-  # train_step folds the device index (0 on one device) into the step key.
-  want_seg, _, probs = setup.seg_update(seg, disc, batch, jax.random.fold_in(jax.random.key(3), 0))
+  # train_step folds the step (1) and the device index (0 on one device) into the key.
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 1), 0)
+  want_seg, _, probs = setup.seg_update(seg, disc, batch, key)
   want_disc, _ = setup.disc_update(disc, probs)
   got_seg, got_disc, _ = setup.train_step(*setup.states(), batch, jax.random.key(3))
   _assert_trees_close(jax.device_get((got_seg.params, got_disc.params)),

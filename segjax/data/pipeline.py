@@ -56,9 +56,12 @@ def _process_slice(ds: grain.MapDataset, global_batch: int, process_index: int,
   return ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
 
 
-def train_dataset(config: ml_collections.ConfigDict, *, with_target: bool, process_index: int,
-                  process_count: int) -> grain.IterDataset:
-  """Infinite stream of local batches {'source': {image, label}[, 'target': {image}]}."""
+def train_batches(config: ml_collections.ConfigDict, *, with_target: bool, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+  """Infinite random-access sequence of this process's batches.
+
+  Each is {'source': {image, label}[, 'target': {image}]}.
+  """
   augment = _augmentation(config)
   source = _domain_stream(data.build_source(config.data.source, "data.source"),
                           _stream_seed(config.seed, 0), augment)
@@ -68,7 +71,14 @@ def train_dataset(config: ml_collections.ConfigDict, *, with_target: bool, proce
     ds = grain.experimental.ZipMapDataset(parents=[source, target]).map(_as_domains)
   else:
     ds = source.map(_as_source)
-  ds = _process_slice(ds, config.batch_size, process_index, process_count).to_iter_dataset()
+  return _process_slice(ds, config.batch_size, process_index, process_count)
+
+
+def train_dataset(config: ml_collections.ConfigDict, *, with_target: bool, process_index: int,
+                  process_count: int) -> grain.IterDataset:
+  """`train_batches` as a checkpointable stream, read by `data.num_workers` worker processes."""
+  ds = train_batches(config, with_target=with_target, process_index=process_index,
+                     process_count=process_count).to_iter_dataset()
   if config.data.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return ds
