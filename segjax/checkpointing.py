@@ -38,9 +38,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def best_step(self) -> int | None:
     """The step with the highest `best_metric` among checkpoints saved with metrics."""
     scored = [(m[self._best_metric], step) for step in self._manager.all_steps()

@@ -141,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     reporting.truncate_metrics(workdir, start_step)  # Before the writer appends to it.
   writer = reporting.create_writer(workdir, is_primary=is_primary)
 
-  # ---- States, input and checkpoints.
+  # ---- States, input, restore.
   root_rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(root_rng)
   states, schedules = create_states(config, init_rng, info.num_classes, mesh)
@@ -231,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("Training already finished at step %d; evaluating.", start_step)
       summary = run_eval(seg_state, start_step, write=False)
   ckpt.wait_until_finished()
+  logging.info("Best checkpoint by target mIoU: step %s.", ckpt.best_step())
   ckpt.close()
   writer.close()
   if is_primary:

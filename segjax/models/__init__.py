@@ -3,7 +3,6 @@
 from collections.abc import Callable
 
 import flax.linen as nn
-import jax.numpy as jnp
 import ml_collections
 
 from segjax.models import compact, discriminators
@@ -24,14 +23,6 @@ def _lookup(registry: dict, kind: str, name: str):
         f"Unknown {kind} name {name!r} (config field {kind}.name); "
         f"expected one of {sorted(registry)}.")
   return registry[name]
-
-
-def dtype_of(name: str) -> jnp.dtype:
-  """Maps a config string ('float32', 'bfloat16', ...) to a dtype."""
-  try:
-    return jnp.dtype(name)
-  except TypeError as e:
-    raise ValueError(f"Unknown dtype {name!r}; expected e.g. 'float32' or 'bfloat16'.") from e
 
 
 def build_segmenter(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:

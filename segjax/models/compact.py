@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from segjax.models import layers
+from segjax.parallel import DATA_AXIS
 
 
 class ResidualBlock(nn.Module):
@@ -50,10 +51,10 @@ class CompactSeg(nn.Module):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
-    from segjax.models import dtype_of  # pylint: disable=import-outside-toplevel
     return cls(num_classes=num_classes, width=config.width, dropout_rate=config.dropout_rate,
-               bn_axis_name="data" if config.sync_batch_stats else None,
-               dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype))
+               bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
+               dtype=layers.dtype_of(config.dtype),
+               param_dtype=layers.dtype_of(config.param_dtype))
 
   @nn.compact
   def __call__(self, images, train: bool = False):

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from segjax.models import layers
+
 
 class FCDiscriminator(nn.Module):
   """AdaptSegNet's fully-convolutional discriminator (Tsai et al., CVPR 2018).
@@ -22,9 +24,8 @@ class FCDiscriminator(nn.Module):
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
     del num_classes  # The input width is inferred from the probability map.
-    from segjax.models import dtype_of  # pylint: disable=import-outside-toplevel
-    return cls(width=config.width, dtype=dtype_of(config.dtype),
-               param_dtype=dtype_of(config.param_dtype))
+    return cls(width=config.width, dtype=layers.dtype_of(config.dtype),
+               param_dtype=layers.dtype_of(config.param_dtype))
 
   @nn.compact
   def __call__(self, x):

@@ -7,6 +7,14 @@ import jax
 import jax.numpy as jnp
 
 
+def dtype_of(name: str) -> jnp.dtype:
+  """Maps a config string ('float32', 'bfloat16', ...) to a dtype."""
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ValueError(f"Unknown dtype {name!r}; expected e.g. 'float32' or 'bfloat16'.") from e
+
+
 def batch_norm(train: bool, axis_name: str | None, dtype, param_dtype) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5).
 
