@@ -47,3 +47,43 @@ def binary_cross_entropy(logits: jax.Array, target: float) -> tuple[jax.Array, j
   losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
                                               jnp.full(logits.shape, target, jnp.float32))
   return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
+
+
+def focal_loss(logits: jax.Array, labels: jax.Array, *, gamma: float = 2.0,
+               alpha: float | jax.Array | None = None,
+               ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
+  """Softmax focal loss (Lin et al., 2017): -alpha_t (1 - p_t)^gamma log p_t per valid pixel.
+
+  `alpha` is a scalar or a per-class weight vector; None means 1. gamma = 0
+  and no alpha give the cross-entropy. The count is the number of valid pixels.
+  """
+  valid = labels != ignore_label
+  safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe_labels)
+  losses = (1.0 - jnp.exp(-ce)) ** gamma * ce
+  if alpha is not None:
+    alpha = jnp.asarray(alpha, jnp.float32)
+    losses = losses * (alpha[safe_labels] if alpha.ndim else alpha)
+  weights = valid.astype(jnp.float32)
+  return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def ohem_cross_entropy(logits: jax.Array, labels: jax.Array, *, thresh: float = 0.7,
+                       min_kept_fraction: float = 1 / 16,
+                       ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
+  """Online hard example mining CE, as in BiSeNet's recipe (CoinCheung/BiSeNet `OhemCELoss`).
+
+  Keeps the pixels whose probability of the true class is below `thresh`
+  (CE above -log thresh); if fewer than `min_kept_fraction` of the valid
+  pixels qualify, keeps that many hardest pixels instead.
+  """
+  valid = labels != ignore_label
+  safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe_labels)
+  ce = jnp.where(valid, ce, -jnp.inf).reshape(-1)
+  num_valid = jnp.sum(valid)
+  min_kept = jnp.floor(num_valid * min_kept_fraction).astype(jnp.int32)
+  hardest_first = jnp.argsort(-ce)
+  rank = jnp.zeros_like(hardest_first).at[hardest_first].set(jnp.arange(ce.size))
+  kept = ((ce > -jnp.log(thresh)) | (rank < min_kept)) & valid.reshape(-1)
+  return jnp.sum(jnp.where(kept, ce, 0.0)), jnp.sum(kept).astype(jnp.float32)

@@ -69,3 +69,32 @@ def test_scores_hand_values_and_absent_class_is_nan():
   np.testing.assert_allclose(result["miou"], np.nanmean(iou), rtol=1e-12)
   np.testing.assert_allclose(result["pixel_acc"], 12 / 15, rtol=1e-12)
   np.testing.assert_allclose(result["mean_acc"], np.mean([3 / 4, 4 / 6, 1.0]), rtol=1e-12)
+
+
+def test_focal_loss_hand_values_and_reduction_to_cross_entropy():
+  # p_t = 3/4 for pixel 0 (label 1), 1/2 for pixel 1 (label 0); pixel 2 ignored.
+  logits = jnp.array([[[[0.0, math.log(3.0)], [0.0, 0.0], [9.0, 0.0]]]])
+  labels = jnp.array([[[1, 0, 255]]])
+  total, count = losses.focal_loss(logits, labels, gamma=2.0, alpha=jnp.array([0.25, 0.5]))
+  want = 0.5 * (1 / 4) ** 2 * math.log(4 / 3) + 0.25 * (1 / 2) ** 2 * math.log(2.0)
+  assert float(count) == 2.0
+  np.testing.assert_allclose(float(total), want, rtol=1e-6)
+  ce_total, _ = losses.cross_entropy(logits, labels)
+  np.testing.assert_allclose(float(losses.focal_loss(logits, labels, gamma=0.0)[0]),
+                             float(ce_total), rtol=1e-6)
+
+
+def test_ohem_keeps_hard_pixels_or_the_hardest_sixteenth():
+  # 32 valid pixels of 2 classes; p(true) = 0.5 for 4 of them (CE ln 2 > -ln 0.7), 0.9 else.
+  easy, hard = math.log(9.0), 0.0
+  logits = jnp.array([[hard] * 4 + [easy] * 28]).reshape(1, 1, 32, 1)
+  logits = jnp.concatenate([logits, jnp.zeros_like(logits)], axis=-1)
+  labels = jnp.zeros((1, 1, 32), jnp.int32)
+  total, count = losses.ohem_cross_entropy(logits, labels, thresh=0.7)
+  assert float(count) == 4.0
+  np.testing.assert_allclose(float(total / count), math.log(2.0), rtol=1e-6)
+  # Only 1 hard pixel, fewer than 32 // 16 = 2: the two hardest are kept.
+  logits = logits.at[0, 0, 1:4, 0].set(easy)
+  total, count = losses.ohem_cross_entropy(logits, labels, thresh=0.7)
+  assert float(count) == 2.0
+  np.testing.assert_allclose(float(total), math.log(2.0) + math.log(10 / 9), rtol=1e-5)

@@ -14,6 +14,7 @@ SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
 
 DISCRIMINATORS: dict[str, Callable[..., nn.Module]] = {
     "fcd": discriminators.FCDiscriminator.from_config,
+    "dsc": discriminators.DepthwiseSeparableDiscriminator.from_config,
 }
 
 
