@@ -9,14 +9,8 @@ import ml_collections
 from segjax.models import layers
 
 
-class FCDiscriminator(nn.Module):
-  """AdaptSegNet's fully-convolutional discriminator (Tsai et al., CVPR 2018).
-
-  Four 4x4 stride-2 convolutions (64-128-256-512 channels at width 64) with
-  LeakyReLU(0.2), then a 4x4 stride-2 convolution to one logit per cell; no
-  normalisation. Input: a per-pixel class-probability map (N, H, W, C).
-  With 19 input classes and width 64 it has 2,781,121 parameters.
-  """
+class _Discriminator(nn.Module):
+  """Shared fields of the discriminators: a per-pixel class-probability map in, logits out."""
   width: int = 64
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -27,6 +21,15 @@ class FCDiscriminator(nn.Module):
     return cls(width=config.width, dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
 
+
+class FCDiscriminator(_Discriminator):
+  """AdaptSegNet's fully-convolutional discriminator (Tsai et al., CVPR 2018).
+
+  Four 4x4 stride-2 convolutions (64-128-256-512 channels at width 64) with
+  LeakyReLU(0.2), then a 4x4 stride-2 convolution to one logit per cell; no
+  normalisation. Input: a per-pixel class-probability map (N, H, W, C).
+  With 19 input classes and width 64 it has 2,781,121 parameters.
+  """
   @nn.compact
   def __call__(self, x):
     x = x.astype(self.dtype)
@@ -39,7 +42,7 @@ class FCDiscriminator(nn.Module):
     return x.astype(jnp.float32)
 
 
-class DepthwiseSeparableDiscriminator(nn.Module):
+class DepthwiseSeparableDiscriminator(_Discriminator):
   """The light discriminator of the real-time BiSeNet UDA seed ("DSC").
 
   FCDiscriminator with every 4x4 stride-2 convolution replaced by a depthwise
@@ -47,16 +50,6 @@ class DepthwiseSeparableDiscriminator(nn.Module):
   pointwise 1x1 convolution, both without bias; LeakyReLU(0.2) after the first
   four. With 19 input classes and width 64 it has 189,424 parameters.
   """
-  width: int = 64
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
-    del num_classes  # The input width is inferred from the probability map.
-    return cls(width=config.width, dtype=layers.dtype_of(config.dtype),
-               param_dtype=layers.dtype_of(config.param_dtype))
-
   @nn.compact
   def __call__(self, x):
     x = x.astype(self.dtype)
