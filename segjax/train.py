@@ -145,12 +145,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   root_rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(root_rng)
   states, schedules = create_states(config, init_rng, info.num_classes, mesh)
-  train_iter = iter(pipeline.train_dataset(config, with_target=adapt,
-                                           process_index=jax.process_index(),
-                                           process_count=jax.process_count()))
-  first_train_batch = pipeline.train_batches(config, with_target=adapt,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count())[0]
+  train_batches = pipeline.train_batches(config, with_target=adapt,
+                                         process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+  train_iter = iter(pipeline.stream(train_batches, config.data.num_workers))
   eval_ds, num_eval = pipeline.eval_dataset(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())
   if start_step:
@@ -179,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   compiled = parallel.compile_all(
       {"train_step": train_step, "eval_step": eval_step},
       {"train_step": (states["seg"], states.get("disc"),
-                      parallel.global_batch_spec(first_train_batch, mesh), step_rng),
+                      parallel.global_batch_spec(train_batches[0], mesh), step_rng),
        "eval_step": (states["seg"], parallel.global_batch_spec(eval_ds[0], mesh),
                      confusion_spec)})
   train_step, eval_step = compiled["train_step"], compiled["eval_step"]

@@ -74,14 +74,19 @@ def train_batches(config: ml_collections.ConfigDict, *, with_target: bool, proce
   return _process_slice(ds, config.batch_size, process_index, process_count)
 
 
+def stream(batches: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+  """`batches` as a checkpointable stream, read by `num_workers` worker processes (0: none)."""
+  ds = batches.to_iter_dataset()
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds
+
+
 def train_dataset(config: ml_collections.ConfigDict, *, with_target: bool, process_index: int,
                   process_count: int) -> grain.IterDataset:
-  """`train_batches` as a checkpointable stream, read by `data.num_workers` worker processes."""
-  ds = train_batches(config, with_target=with_target, process_index=process_index,
-                     process_count=process_count).to_iter_dataset()
-  if config.data.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  return ds
+  """The stream of `train_batches`, read by `data.num_workers` worker processes."""
+  return stream(train_batches(config, with_target=with_target, process_index=process_index,
+                              process_count=process_count), config.data.num_workers)
 
 
 @dataclasses.dataclass(frozen=True)
