@@ -39,14 +39,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name="compact", width=32, dropout_rate=0.1,
       sync_batch_stats=True,  # False: each device normalises with its own batch statistics.
-      dtype="float32", param_dtype="float32"))
+      dtype="float32",  # Compute dtype: "bfloat16" for mixed precision.
+      param_dtype="float32",  # Parameters (and the optimizer state) stay float32.
+      # A torchvision-format state dict (.pth, .safetensors or .npz) for the backbone.
+      backbone_weights=""))
   config.disc = ml_collections.ConfigDict(dict(
       name="fcd", width=64, dtype="float32", param_dtype="float32"))
 
   config.optim = ml_collections.ConfigDict()
   config.optim.seg = ml_collections.ConfigDict(dict(
-      lr=0.01, momentum=0.9, weight_decay=5e-4, power=0.9))
+      name="sgd", lr=0.01, momentum=0.9, b1=0.9, b2=0.999, weight_decay=5e-4, power=0.9,
+      head_lr_mult=1.0))  # Learning-rate factor for everything outside the backbone.
   config.optim.disc = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.99, power=0.9))
+
+  # The segmentation loss of every head: "ce", "focal", "ce+focal" or "ohem".
+  config.loss = ml_collections.ConfigDict(dict(
+      name="ce", class_weights=(), focal_gamma=2.0, focal_alpha=0.0, ohem_thresh=0.7,
+      ohem_min_kept=1 / 16,
+      aux_weights=()))  # One weight per auxiliary head of the segmenter.
 
   config.adapt = ml_collections.ConfigDict(dict(method="source_only", lambda_adv=0.0))
   return config

@@ -6,8 +6,12 @@ followed by a mean over devices would weight devices with many ignored pixels
 wrongly.
 """
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 IGNORE_LABEL = 255
@@ -87,3 +91,41 @@ def ohem_cross_entropy(logits: jax.Array, labels: jax.Array, *, thresh: float = 
   rank = jnp.zeros_like(hardest_first).at[hardest_first].set(jnp.arange(ce.size))
   kept = ((ce > -jnp.log(thresh)) | (rank < min_kept)) & valid.reshape(-1)
   return jnp.sum(jnp.where(kept, ce, 0.0)), jnp.sum(kept).astype(jnp.float32)
+
+
+SegLoss = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+LOSSES = ("ce", "focal", "ce+focal", "ohem")
+
+
+def from_config(config: ml_collections.ConfigDict) -> SegLoss:
+  """The pixel-wise loss named by `config.name`, as a (logits, labels) -> (sum, count) function.
+
+  'ce': cross-entropy (optional `class_weights`); 'focal': focal loss with
+  `focal_gamma` and `focal_alpha` (<= 0: none); 'ce+focal': the sum of the
+  two means, the UNet-vs-DeepLabV3+ seed's criterion; 'ohem': BiSeNet's OHEM cross-entropy
+  with `ohem_thresh` and `ohem_min_kept` (a fraction of the valid pixels).
+  """
+  class_weights = (jnp.asarray(config.class_weights, jnp.float32)
+                   if config.class_weights else None)
+  ce = functools.partial(cross_entropy, class_weights=class_weights)
+  focal = functools.partial(focal_loss, gamma=config.focal_gamma,
+                            alpha=config.focal_alpha if config.focal_alpha > 0 else None)
+  if config.name == "ce":
+    return ce
+  if config.name == "focal":
+    return focal
+  if config.name == "ce+focal":
+    if class_weights is not None:
+      raise ValueError("loss.class_weights cannot be combined with loss.name='ce+focal'; "
+                       "use focal_alpha for per-class weights.")
+
+    def ce_plus_focal(logits, labels):
+      (ce_sum, count), (focal_sum, _) = ce(logits, labels), focal(logits, labels)
+      return ce_sum + focal_sum, count  # Both averaged over the same valid pixels.
+    return ce_plus_focal
+  if config.name == "ohem":
+    return functools.partial(ohem_cross_entropy, thresh=config.ohem_thresh,
+                             min_kept_fraction=config.ohem_min_kept)
+  raise ValueError(f"Unknown loss {config.name!r} (config field loss.name); "
+                   f"expected one of {list(LOSSES)}.")
+

@@ -1,26 +1,69 @@
-"""Optimizers and learning-rate schedules of the UDA recipes."""
+"""Optimizers and learning-rate schedules of the seeds' recipes."""
 
+import jax
 import ml_collections
 import optax
 
+from segjax.models import weights
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
 
 def poly_schedule(base_lr: float, num_steps: int, power: float = 0.9) -> optax.Schedule:
-  """lr = base * (1 - step / num_steps) ** power (DeepLab's 'poly' policy)."""
+  """lr = base * (1 - step / num_steps) ** power (DeepLab's 'poly' policy); power 0 is constant."""
+  if power == 0:
+    return optax.constant_schedule(base_lr)
   return optax.polynomial_schedule(init_value=base_lr, end_value=0.0, power=power,
                                    transition_steps=num_steps)
 
 
+def _scaled(schedule: optax.Schedule, factor: float) -> optax.Schedule:
+  return schedule if factor == 1 else (lambda step: factor * schedule(step))
+
+
+def _base(config: ml_collections.ConfigDict, schedule: optax.Schedule,
+          field: str) -> optax.GradientTransformation:
+  """One optimizer by name. Weight decay is L2 added to the gradient (PyTorch's SGD and
+  Adam `weight_decay`), except for 'adamw', where it is decoupled."""
+  name = config.get("name", "sgd")
+  if name == "sgd":
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(schedule, momentum=config.momentum or None))
+  if name == "adam":
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.adam(schedule, b1=config.b1, b2=config.b2))
+  if name == "adamw":
+    return optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+  raise ValueError(f"Unknown optimizer {name!r} (config field {field}.name); expected one of "
+                   f"{list(OPTIMIZERS)}.")
+
+
 def segmenter_optimizer(config: ml_collections.ConfigDict,
                         num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD with momentum and L2 weight decay (PyTorch's `SGD(weight_decay=...)`), poly decay."""
-  schedule = poly_schedule(config.lr, num_steps, config.power)
-  tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                   optax.sgd(schedule, momentum=config.momentum))
+  """The segmenter's optimizer with poly decay (SGD with momentum and L2 by default).
+
+  The poly decay spans `decay_steps` (AdaptSegNet decays over 250k steps and
+  stops at 150k) or, when that is 0 or absent, the whole run. `head_lr_mult`
+  scales the learning rate of everything outside the pretrained backbone (the heads learn 10x faster in AdaptSegNet, ADVENT and BiSeNet).
+  Returns the transformation and the backbone's schedule (the one logged as lr).
+  """
+  schedule = poly_schedule(config.lr, config.get("decay_steps", 0) or num_steps, config.power)
+  mult = config.get("head_lr_mult", 1.0)
+  if mult == 1.0:
+    return _base(config, schedule, "optim.seg"), schedule
+
+  def label(params):
+    return {k: jax.tree.map(lambda _: "backbone" if k == weights.BACKBONE else "head", v)
+            for k, v in params.items()}
+
+  tx = optax.multi_transform(
+      {"backbone": _base(config, schedule, "optim.seg"),
+       "head": _base(config, _scaled(schedule, mult), "optim.seg")}, label)
   return tx, schedule
 
 
 def discriminator_optimizer(config: ml_collections.ConfigDict,
                             num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam with AdaptSegNet's betas (0.9, 0.99), poly decay."""
-  schedule = poly_schedule(config.lr, num_steps, config.power)
+  schedule = poly_schedule(config.lr, config.get("decay_steps", 0) or num_steps, config.power)
   return optax.adam(schedule, b1=config.b1, b2=config.b2), schedule

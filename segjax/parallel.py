@@ -41,6 +41,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate_host(tree: Any, mesh: Mesh) -> Any:
+  """Host numpy arrays (identical in every process) to arrays replicated over the mesh."""
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index]),
+      tree)
+
+
 def make_replicated(make: Callable[[], Any], mesh: Mesh) -> Any:
   """Evaluates `make()` into arrays replicated over the mesh (any number of processes)."""
   return jax.jit(make, out_shardings=replicated(mesh))()

@@ -37,18 +37,43 @@ def preprocess(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...
 
 
 def _segment(state: TrainState, params, batch_stats, images, rng, train: bool):
-  """Segmenter forward pass; returns (logits, updated batch_stats)."""
+  """Segmenter forward pass; returns (outputs dict, updated batch_stats).
+
+  The outputs follow the contract of `segjax.models`: 'logits', 'aux', ...
+  """
   variables = {"params": params, "batch_stats": batch_stats}
   if not train:
     return state.apply_fn(variables, images, train=False), batch_stats
-  logits, updates = state.apply_fn(variables, images, train=True, rngs={"dropout": rng},
-                                   mutable=["batch_stats"])
-  return logits, updates["batch_stats"]
+  outputs, updates = state.apply_fn(variables, images, train=True, rngs={"dropout": rng},
+                                    mutable=["batch_stats"])
+  return outputs, updates["batch_stats"]
+
+
+def supervised_loss(outputs: dict, labels: jax.Array, seg_loss: losses.SegLoss,
+                    aux_weights: tuple[float, ...], axis_name: str) -> tuple[jax.Array, dict]:
+  """The main head's loss plus the weighted losses of the auxiliary heads.
+
+  BiSeNet weights its two supervision heads 1 each; DeepLab-v2 (AdaptSegNet,
+  ADVENT) its layer3 head 0.1. Each head's loss is averaged over the global
+  batch on its own. Returns the total and the per-head losses for logging.
+  """
+  aux = outputs.get("aux", ())
+  if len(aux) != len(aux_weights):
+    raise ValueError(f"The segmenter has {len(aux)} auxiliary heads but loss.aux_weights has "
+                     f"{len(aux_weights)} entries; give one weight per head.")
+  loss = losses.global_mean(*seg_loss(outputs["logits"], labels), axis_name)
+  parts = {"loss_seg": loss}
+  for i, (logits, weight) in enumerate(zip(aux, aux_weights), start=1):
+    aux_loss = losses.global_mean(*seg_loss(logits, labels), axis_name)
+    parts[f"loss_seg_aux{i}"] = aux_loss
+    loss = loss + weight * aux_loss
+  return loss, parts
 
 
 def seg_update(seg_state: TrainState, disc_state: TrainState | None, batch: dict, rng: jax.Array,
-               *, lambda_adv: float, lr_fn: optax.Schedule, mean, std,
-               axis_name: str) -> tuple[TrainState, dict, dict]:
+               *, lambda_adv: float, lr_fn: optax.Schedule, mean, std, axis_name: str,
+               seg_loss: losses.SegLoss = losses.cross_entropy,
+               aux_weights: tuple[float, ...] = ()) -> tuple[TrainState, dict, dict]:
   """One segmenter update; the discriminator's parameters are constants here.
 
   With `disc_state` None this is plain supervised training on `batch['source']`.
@@ -58,20 +83,20 @@ def seg_update(seg_state: TrainState, disc_state: TrainState | None, batch: dict
   src_rng, tgt_rng = jax.random.split(rng)
 
   def loss_fn(params):
-    src_logits, stats = _segment(seg_state, params, seg_state.batch_stats,
-                                 preprocess(batch["source"]["image"], mean, std), src_rng, True)
-    loss_seg = losses.global_mean(*losses.cross_entropy(src_logits, batch["source"]["label"]),
-                                  axis_name)
-    aux = {"metrics": {"loss_seg": loss_seg}, "probs": {}}
+    src_out, stats = _segment(seg_state, params, seg_state.batch_stats,
+                              preprocess(batch["source"]["image"], mean, std), src_rng, True)
+    loss_seg, parts = supervised_loss(src_out, batch["source"]["label"], seg_loss, aux_weights,
+                                      axis_name)
+    aux = {"metrics": parts, "probs": {}}
     if disc_state is None:
       return loss_seg, (stats, aux)
-    tgt_logits, stats = _segment(seg_state, params, stats,
-                                 preprocess(batch["target"]["image"], mean, std), tgt_rng, True)
-    tgt_prob = jax.nn.softmax(tgt_logits)
+    tgt_out, stats = _segment(seg_state, params, stats,
+                              preprocess(batch["target"]["image"], mean, std), tgt_rng, True)
+    tgt_prob = jax.nn.softmax(tgt_out["logits"])
     d_out = disc_state.apply_fn({"params": disc_state.params}, tgt_prob)
     loss_adv = losses.global_mean(*losses.binary_cross_entropy(d_out, SOURCE_DOMAIN), axis_name)
     aux["metrics"]["loss_adv"] = loss_adv
-    aux["probs"] = {"source": jax.lax.stop_gradient(jax.nn.softmax(src_logits)),
+    aux["probs"] = {"source": jax.lax.stop_gradient(jax.nn.softmax(src_out["logits"])),
                     "target": jax.lax.stop_gradient(tgt_prob)}
     return loss_seg + lambda_adv * loss_adv, (stats, aux)
 
@@ -100,7 +125,8 @@ def disc_update(disc_state: TrainState, probs: dict, *,
 
 def train_step(seg_state: TrainState, disc_state: TrainState | None, batch: dict,
                rng: jax.Array, *, lambda_adv: float, lr_fn: optax.Schedule, mean, std,
-               axis_name: str = "data") -> tuple[TrainState, TrainState | None, dict]:
+               axis_name: str = "data", seg_loss: losses.SegLoss = losses.cross_entropy,
+               aux_weights: tuple[float, ...] = ()) -> tuple[TrainState, TrainState | None, dict]:
   """One training iteration: (a) the segmenter, then (b) the discriminator if there is one.
 
   `rng` is the run's training key; the step (counted from 1) and the device
@@ -110,7 +136,7 @@ def train_step(seg_state: TrainState, disc_state: TrainState | None, batch: dict
                            jax.lax.axis_index(axis_name))
   seg_state, step_metrics, probs = seg_update(
       seg_state, disc_state, batch, rng, lambda_adv=lambda_adv, lr_fn=lr_fn, mean=mean, std=std,
-      axis_name=axis_name)
+      axis_name=axis_name, seg_loss=seg_loss, aux_weights=aux_weights)
   if disc_state is not None:
     disc_state, disc_metrics = disc_update(disc_state, probs, axis_name=axis_name)
     step_metrics.update(disc_metrics)
@@ -120,8 +146,14 @@ def train_step(seg_state: TrainState, disc_state: TrainState | None, batch: dict
 def eval_step(seg_state: TrainState, batch: dict, confusion: jax.Array, *, num_classes: int,
               mean, std, axis_name: str = "data") -> tuple[jax.Array, jax.Array]:
   """Adds the batch's confusion matrix (summed over devices) to `confusion`; returns predictions."""
-  logits, _ = _segment(seg_state, seg_state.params, seg_state.batch_stats,
-                       preprocess(batch["image"], mean, std), None, False)
+  logits = eval_logits(seg_state, batch["image"], mean, std)
   preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   batch_confusion = metrics.confusion_matrix(batch["label"], preds, num_classes)
   return confusion + jax.lax.psum(batch_confusion, axis_name), preds
+
+
+def eval_logits(seg_state: TrainState, images: jax.Array, mean, std) -> jax.Array:
+  """Inference: the main head's logits for uint8 images."""
+  outputs, _ = _segment(seg_state, seg_state.params, seg_state.batch_stats,
+                        preprocess(images, mean, std), None, False)
+  return outputs["logits"]

@@ -18,8 +18,10 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.sharding import PartitionSpec as P
 
-from segjax import checkpointing, data, metrics, models, optim, parallel, reporting, steps
+from segjax import (checkpointing, data, losses, metrics, models, optim, parallel, reporting,
+                    steps)
 from segjax.data import pipeline
+from segjax.models import weights
 
 # adapt.method -> does it train a discriminator against unlabelled target images?
 METHODS = {"source_only": False, "adaptsegnet": True}
@@ -42,6 +44,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   parallel.check_batch_size(config.batch_size, "batch_size")
   parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
   models.build_segmenter(config.model, 1)
+  losses.from_config(config.loss)
+  optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
+  if config.model.backbone_weights and not os.path.isfile(config.model.backbone_weights):
+    raise FileNotFoundError(f"config.model.backbone_weights={config.model.backbone_weights!r} "
+                            "is not a file.")
   if METHODS[config.adapt.method]:
     models.build_discriminator(config.disc, 1)
   source_info = data.dataset_info(config.data.source, "data.source")
@@ -91,6 +98,25 @@ def create_states(config: ml_collections.ConfigDict, rng: jax.Array, num_classes
     inits["disc"], schedules["disc"] = init_disc, disc_lr
   states = {name: parallel.make_replicated(init, mesh) for name, init in inits.items()}
   return states, schedules
+
+
+def load_backbone_weights(seg_state: steps.TrainState, model_config: ml_collections.ConfigDict,
+                          mesh) -> steps.TrainState:
+  """Replaces the segmenter's backbone variables with `model_config.backbone_weights`.
+
+  The optimizer state does not depend on the parameter values at step 0
+  (momentum and moments start at zero), so only params and batch_stats change.
+  """
+  path = model_config.backbone_weights
+  seg_class = models.segmenter_class(model_config.name)
+  if not hasattr(seg_class, "backbone_torch_key"):
+    raise ValueError(f"model.backbone_weights is set, but {model_config.name!r} has no "
+                     "pretrained backbone; unset it.")
+  host = jax.device_get({"params": seg_state.params, "batch_stats": seg_state.batch_stats})
+  loaded, report = weights.load_backbone(host, path, seg_class.backbone_torch_key)
+  logging.info(report.summary(path))
+  loaded = parallel.replicate_host(loaded, mesh)
+  return seg_state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
 
 
 def evaluate(eval_fn, seg_state, eval_ds, mesh, num_classes: int,
@@ -156,6 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Resumed from the checkpoint at step %d in %s.", start_step, workdir)
   else:
     logging.info("No checkpoint in %s: training from scratch.", workdir)
+    if config.model.backbone_weights:
+      states["seg"] = load_backbone_weights(states["seg"], config.model, mesh)
     if is_primary:
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))
@@ -165,7 +193,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   train_step = parallel.data_parallel(
       functools.partial(steps.train_step, lambda_adv=config.adapt.lambda_adv,
-                        lr_fn=schedules["seg"], mean=mean, std=std),
+                        lr_fn=schedules["seg"], mean=mean, std=std,
+                        seg_loss=losses.from_config(config.loss),
+                        aux_weights=tuple(config.loss.aux_weights)),
       mesh, in_specs=(P(), P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(), P()),
       donate_argnums=(0, 1))
   eval_step = parallel.data_parallel(

@@ -29,14 +29,39 @@ def test_discriminator_parameter_counts_match_the_references(name, expected):
   assert disc.apply(variables, jnp.zeros((2, 64, 128, 19))).shape == (2, 2, 4, 1)
 
 
-def test_segmenter_output_matches_an_odd_input_size():
-  config = test_config.get_config().model
-  config.sync_batch_stats = False  # Applied outside any mesh here.
-  seg = models.build_segmenter(config, 8)
-  variables = seg.init(jax.random.key(0), jnp.zeros((1, 97, 131, 3)))
-  logits, _ = seg.apply(variables, jnp.zeros((2, 97, 131, 3)), train=True,
-                        rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
-  assert logits.shape == (2, 97, 131, 8) and logits.dtype == jnp.float32
+@pytest.mark.parametrize("name", sorted(models.SEGMENTERS))
+def test_every_segmenter_trains_at_an_odd_input_size(name):
+  """Forward, backward and two SGD steps at 97x131; outputs come back at 97x131."""
+  config = test_config.get_config()
+  config.model.name = name
+  config.data.crop_size = (97, 131)
+  config.adapt.method = "source_only"
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  states, schedules = train.create_states(config, jax.random.key(0), 5, mesh)
+  seg = states["seg"]
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (1, 97, 131, 3), dtype=np.uint8)
+  outputs = seg.apply_fn({"params": seg.params, "batch_stats": seg.batch_stats},
+                         jnp.asarray(images, jnp.float32) / 255, train=True,
+                         rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])[0]
+  for logits in (outputs["logits"], *outputs["aux"]):
+    assert logits.shape == (1, 97, 131, 5) and logits.dtype == jnp.float32
+  eval_outputs = seg.apply_fn({"params": seg.params, "batch_stats": seg.batch_stats},
+                              jnp.zeros((1, 97, 131, 3)), train=False)
+  assert eval_outputs["logits"].shape == (1, 97, 131, 5) and eval_outputs["aux"] == ()
+
+  step = parallel.data_parallel(
+      functools.partial(steps.train_step, lambda_adv=0.0, lr_fn=schedules["seg"],
+                        mean=(0.5,) * 3, std=(0.25,) * 3,
+                        aux_weights=(0.4,) * len(outputs["aux"])),
+      mesh, in_specs=(P(), P(), P("data"), P()), out_specs=(P(), P(), P()))
+  batch = {"source": {"image": images, "label": rng.integers(0, 5, (1, 97, 131)).astype(np.uint8)}}
+  before = jax.tree.map(np.asarray, seg.params)
+  for i in range(2):
+    seg, _, metrics = step(seg, None, parallel.to_global(batch, mesh), jax.random.key(i))
+    assert np.isfinite(float(metrics["loss_seg"]))
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, seg.params)
+  assert any(jax.tree.leaves(changed))
 
 
 def test_unknown_discriminator_name_is_a_clear_error():

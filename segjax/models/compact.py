@@ -41,7 +41,7 @@ class ResidualBlock(nn.Module):
 
 
 class CompactSeg(nn.Module):
-  """Returns logits (N, H, W, num_classes) in float32 for images (N, H, W, 3)."""
+  """Returns {'logits': (N, H, W, num_classes) float32, 'aux': ()} for images (N, H, W, 3)."""
   num_classes: int
   width: int = 32
   dropout_rate: float = 0.1
@@ -81,4 +81,5 @@ class CompactSeg(nn.Module):
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
                      param_dtype=self.param_dtype)(x)
-    return layers.resize_bilinear(logits, height, width).astype(jnp.float32)
+    return {"logits": layers.resize_bilinear(logits, height, width).astype(jnp.float32),
+            "aux": ()}

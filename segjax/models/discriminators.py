@@ -62,3 +62,30 @@ class DepthwiseSeparableDiscriminator(_Discriminator):
       if i < 4:
         x = nn.leaky_relu(x, negative_slope=0.2)
     return x.astype(jnp.float32)
+
+
+class FC7DomainClassifier(_Discriminator):
+  """FCNs in the Wild's global domain classifier on fc7 features (Hoffman et al., 2016).
+
+  CyCADA's `fcn8s.Discriminator`, from the same group: 1x1 convolutions
+  4096 -> width -> width / 2 -> 1, each hidden one followed by channel-wise
+  dropout (Dropout2d) and ReLU, so every fc7 cell is one instance of the
+  domain classifier. The reference ends in 2 outputs for a 2-way softmax;
+  here one logit for a binary cross-entropy, the same model (a softmax over
+  [a, b] is the sigmoid of a - b) with 513 fewer parameters. Input: the
+  segmenter's 'features' (N, h, w, 4096); output (N, h, w, 1) float32 logits.
+  With width 1024 (the reference's) it has 4,720,641 parameters. Dropout needs
+  a 'dropout' rng when `train`; `apply(variables, x)` runs it deterministically.
+  """
+  width: int = 1024
+  dropout_rate: float = 0.5
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.astype(self.dtype)
+    for features in (self.width, self.width // 2):
+      x = nn.Conv(features, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
+      x = nn.relu(x)
+    x = nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return x.astype(jnp.float32)

@@ -21,9 +21,7 @@ def batch_norm(train: bool, axis_name: str | None, dtype, param_dtype) -> nn.Bat
   `axis_name` set: statistics are averaged over that mesh axis (synchronised
   BatchNorm); None: each device normalises with its own batch.
   """
-  return nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5,
-      axis_name=axis_name if train else None, dtype=dtype, param_dtype=param_dtype)
+  return norm("batch", train, axis_name, dtype, param_dtype)
 
 
 class ConvBNReLU(nn.Module):
@@ -55,3 +53,70 @@ def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
 
 
 conv1x1 = functools.partial(nn.Conv, kernel_size=(1, 1))
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed statistics and affine terms (torchvision's FrozenBatchNorm2d).
+
+  All four tensors live in the `batch_stats` collection, so they are loaded and
+  checkpointed like BatchNorm's but never receive gradients; their names match
+  nn.BatchNorm's (scale, bias, mean, var), so one weight mapping serves both.
+  """
+  epsilon: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.variable("batch_stats", "scale", jnp.ones, (features,), self.param_dtype)
+    bias = self.variable("batch_stats", "bias", jnp.zeros, (features,), self.param_dtype)
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), self.param_dtype)
+    var = self.variable("batch_stats", "var", jnp.ones, (features,), self.param_dtype)
+    mul = scale.value.astype(jnp.float32) * jax.lax.rsqrt(var.value.astype(jnp.float32)
+                                                          + self.epsilon)
+    add = bias.value.astype(jnp.float32) - mean.value.astype(jnp.float32) * mul
+    return x * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+def norm(kind: str, train: bool, axis_name: str | None, dtype, param_dtype, name=None):
+  """'batch' (trainable BatchNorm) or 'frozen' (FrozenBatchNorm), by config name."""
+  if kind == "batch":
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        axis_name=axis_name if train else None, dtype=dtype,
+                        param_dtype=param_dtype, name=name)
+  if kind == "frozen":
+    return FrozenBatchNorm(dtype=dtype, param_dtype=param_dtype, name=name)
+  raise ValueError(f"Unknown norm {kind!r} (config field model.norm); "
+                   "expected 'batch' or 'frozen'.")
+
+
+def conv(features: int, kernel_size: int, strides: int = 1, padding: int = 0,
+         dilation: int = 1, use_bias: bool = False, groups: int = 1, dtype=jnp.float32,
+         param_dtype=jnp.float32, name=None, kernel_init=None) -> nn.Conv:
+  """A 2-D convolution with PyTorch's arguments (symmetric integer padding)."""
+  return nn.Conv(features, (kernel_size, kernel_size), strides=strides,
+                 padding=[(padding, padding)] * 2, kernel_dilation=dilation,
+                 feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+                 param_dtype=param_dtype, name=name,
+                 kernel_init=kernel_init or nn.initializers.kaiming_normal())
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0,
+             ceil_mode: bool = False) -> jax.Array:
+  """MaxPool2d with PyTorch's semantics, including `ceil_mode` (Caffe's pooling)."""
+  pads = []
+  for size in x.shape[1:3]:
+    extra = 0
+    if ceil_mode:
+      out = -(-(size + 2 * padding - window) // stride) + 1
+      if (out - 1) * stride >= size + padding:  # The last window must start inside the input.
+        out -= 1
+      extra = max(0, (out - 1) * stride + window - (size + 2 * padding))
+    pads.append((padding, padding + extra))
+  return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+
+# Flax variable names -> PyTorch's parameter and buffer names (conv and norm layers).
+TORCH_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias",
+                    "mean": "running_mean", "var": "running_var"}

@@ -1,0 +1,49 @@
+"""DeepLab-v2 ResNet-101, GTA5 -> Cityscapes: the AdaptSegNet / ADVENT baseline (Tsai et al. 2018).
+
+  python -m segjax.main --config=configs/deeplabv2_gta5_cityscapes.py:gta5=ROOT,cityscapes=ROOT \
+      --config.model.backbone_weights=resnet101.safetensors --workdir=runs/deeplabv2
+
+Recipe (UDA-REFERENCE.md 2a, `train_gta2cityscapes_multi.py`): GTA5 resized to
+1280x720, Cityscapes to 1024x512, batch 1 + 1; SGD lr 2.5e-4 (heads 10x),
+momentum 0.9, weight decay 5e-4, poly 0.9 over 250k iterations stopped at
+150k; frozen BatchNorm; CE on the layer4 head plus 0.1 x the layer3 head;
+output-space discriminator (FCD) with Adam 1e-4, betas (0.9, 0.99), lambda_adv
+0.001 on the main head. Differences: torchvision ImageNet weights instead of
+the (dead-linked) DeepLab COCO init, so inputs are RGB with ImageNet mean/std
+rather than BGR minus IMG_MEAN; the multi-level adversarial term arrives with
+the adaptation methods (issue 5).
+"""
+
+from configs import recipes
+
+
+def get_config(arg: str | None = None):
+  roots = recipes.parse_roots(arg, ("gta5", "cityscapes"))
+  config = recipes.base("deeplabv2_r101")
+  config.batch_size = 1
+  config.eval_batch_size = 1
+  config.num_train_steps = 150_000
+  config.log_every_steps = 100
+  config.eval_every_steps = 5_000
+  config.checkpoint_every_steps = 5_000
+  config.data.source = recipes.dataset("gta5", roots, "train", "source", (720, 1280), 24_966)
+  config.data.target = recipes.dataset("cityscapes", roots, "train", "target", (512, 1024), 2_975)
+  config.data.eval = recipes.dataset("cityscapes", roots, "val", "target", (512, 1024), 500)
+  config.data.crop_size = (512, 1024)
+  config.data.augment.scale_range = (1.0, 1.0)  # Resized, not scale-augmented.
+  config.data.augment.flip = False
+  config.data.augment.brightness = config.data.augment.contrast = 0.0
+  config.data.augment.saturation = config.data.augment.hue = 0.0
+
+  config.model.norm = "frozen"
+  config.model.aspp_branches = 4  # 2 reproduces AdaptSegNet's early-return bug.
+  config.model.dropout_rate = 0.0
+  config.loss.aux_weights = (0.1,)  # lambda_seg on the layer3 head.
+  config.optim.seg.update(lr=2.5e-4, momentum=0.9, weight_decay=5e-4, power=0.9,
+                          head_lr_mult=10.0, decay_steps=250_000)
+  config.optim.disc.update(lr=1e-4, b1=0.9, b2=0.99, power=0.9)
+  config.optim.disc.decay_steps = 250_000
+  config.adapt.method = "adaptsegnet"
+  config.adapt.lambda_adv = 0.001
+  config.disc.name = "fcd"
+  return config

@@ -1,0 +1,1 @@
+"""Command-line utilities run with `python -m segjax.tools.NAME`."""
