@@ -6,7 +6,7 @@
 Recipe (UDA-REFERENCE.md 2a, `train_gta2cityscapes_multi.py`): GTA5 resized to
 1280x720, Cityscapes to 1024x512, batch 1 + 1; SGD lr 2.5e-4 (heads 10x),
 momentum 0.9, weight decay 5e-4, poly 0.9 over 250k iterations stopped at
-150k; frozen BatchNorm; CE on the layer4 head plus 0.1 x the layer3 head;
+150k; frozen BatchNorm (with backbone weights); CE on the layer4 head plus 0.1 x the layer3 head;
 output-space discriminator (FCD) with Adam 1e-4, betas (0.9, 0.99), lambda_adv
 0.001 on the main head. Differences: torchvision ImageNet weights instead of
 the (dead-linked) DeepLab COCO init, so inputs are RGB with ImageNet mean/std
@@ -35,9 +35,9 @@ def get_config(arg: str | None = None):
   config.data.augment.brightness = config.data.augment.contrast = 0.0
   config.data.augment.saturation = config.data.augment.hue = 0.0
 
-  config.model.norm = "frozen"
+  # BatchNorm is frozen, as in the reference, when backbone weights are given (and trained
+  # otherwise: frozen statistics of an untrained network would be the identity).
   config.model.aspp_branches = 4  # 2 reproduces AdaptSegNet's early-return bug.
-  config.model.dropout_rate = 0.0
   config.loss.aux_weights = (0.1,)  # lambda_seg on the layer3 head.
   config.optim.seg.update(lr=2.5e-4, momentum=0.9, weight_decay=5e-4, power=0.9,
                           head_lr_mult=10.0, decay_steps=250_000)

@@ -38,7 +38,14 @@ def dataset(name: str, roots: dict[str, str], split: str, domain: str, size: tup
 
 
 def base(model: str) -> ml_collections.ConfigDict:
-  """The shared defaults with `model`, ImageNet-normalised inputs and float32."""
+  """The shared defaults with `model`, ImageNet-normalised inputs and float32.
+
+  The model section is rebuilt without CompactSeg's fields (width,
+  dropout_rate), so each network falls back to its published defaults unless
+  the recipe sets a field.
+  """
   config = default.get_config()
-  config.model.name = model
+  config.model = ml_collections.ConfigDict(dict(
+      name=model, sync_batch_stats=True, dtype="float32", param_dtype="float32",
+      backbone_weights=""))
   return config

@@ -83,7 +83,7 @@ def create_states(config: ml_collections.ConfigDict, rng: jax.Array, num_classes
   def init_seg():
     variables = seg_model.init(seg_rng, jnp.zeros((1, height, width, 3)), train=False)
     return steps.TrainState.create(apply_fn=seg_model.apply, params=variables["params"],
-                                   batch_stats=variables["batch_stats"], tx=seg_tx)
+                                   batch_stats=variables.get("batch_stats", {}), tx=seg_tx)
 
   inits, schedules = {"seg": init_seg}, {"seg": seg_lr}
   if METHODS[config.adapt.method]:

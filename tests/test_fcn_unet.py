@@ -27,6 +27,18 @@ def _abstract_variables(model, height=32, width=32):
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, height, width, 3))))
 
 
+def _random_variables(model, seed=0):
+  """Variables of `model` drawn with numpy: quicker than compiling its initialisers on a CPU."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    if path[-1].key == "var":
+      return jnp.ones(x.shape, x.dtype)
+    return jnp.asarray(rng.normal(0, 0.1, x.shape), x.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, _abstract_variables(model))
+
+
 def _model_config(name, **fields):
   config = dict(name=name, dtype="float32", param_dtype="float32", sync_batch_stats=False)
   return ml_collections.ConfigDict({**config, **fields})
@@ -162,10 +174,13 @@ def test_fcn8s_runs_at_an_odd_size(fcn8s, conv1_padding):
   assert np.isfinite(out["logits"]).all() and np.abs(out["logits"]).max() > 0
 
 
-def test_fcn_bfloat16_compute_returns_float32_logits():
-  model = fcn.FCN8s(num_classes=3, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("model", [
+    fcn.FCN8s(num_classes=3, dtype=jnp.bfloat16), unet.UNet(3, width=4, dtype=jnp.bfloat16),
+    unet.UNet(3, width=4, bilinear=True, dtype=jnp.bfloat16),
+    unet.UNetSmall(3, width=4, dtype=jnp.bfloat16)])
+def test_bfloat16_compute_returns_float32_logits(model):
   out = jax.eval_shape(model.apply, _abstract_variables(model), jnp.zeros((1, 37, 45, 3)))
-  assert out["logits"].dtype == jnp.float32 and out["features"].dtype == jnp.bfloat16
+  assert out["logits"].shape == (1, 37, 45, 3) and out["logits"].dtype == jnp.float32
 
 
 def test_fcn_rejects_other_paddings():
@@ -176,11 +191,13 @@ def test_fcn_rejects_other_paddings():
 def test_fcn_from_config_defaults_to_the_reference():
   model = build_segmenter(_model_config("fcn8s_vgg16"), 19)
   assert isinstance(model, fcn.FCN8s) and model.num_classes == 19
-  assert (model.conv1_padding, model.learned_upsampling, model.skip_scaling) == (100, True, False)
+  assert (model.conv1_padding, model.learned_upsampling, model.skip_scaling,
+          model.dropout_rate) == (100, True, False, 0.5)
   model = build_segmenter(_model_config("fcn16s_vgg16", conv1_padding=1, learned_upsampling=False,
-                                        skip_scaling=True, dtype="bfloat16"), 19)
+                                        skip_scaling=True, dropout_rate=0.0, dtype="bfloat16"), 19)
   assert isinstance(model, fcn.FCN16s) and model.dtype == jnp.bfloat16
-  assert (model.conv1_padding, model.learned_upsampling, model.skip_scaling) == (1, False, True)
+  assert (model.conv1_padding, model.learned_upsampling, model.skip_scaling,
+          model.dropout_rate) == (1, False, True, 0.0)
   assert isinstance(build_segmenter(_model_config("fcn32s_vgg16"), 19), fcn.FCN32s)
   assert fcn.FCN8s.backbone_torch_key(("fc6", "kernel")) == "classifier.0.weight"
 
@@ -278,7 +295,7 @@ def _peer_fcn8s(torch, num_classes):
 
 
 def _peer_torch_name(path):
-  """backbone/conv3_2 -> stage3.2 (the peer's stages hold conv, ReLU pairs); others keep their names."""
+  """backbone/conv3_2 -> stage3.2 (the peer's stages are conv, ReLU pairs); others keep names."""
   name = path[-1]
   if name.startswith("conv"):
     stage, index = name.removeprefix("conv").split("_")
@@ -287,7 +304,7 @@ def _peer_torch_name(path):
 
 
 def test_aligned_fcn8s_is_the_peer_network(torch, fcn8s):
-  """conv1_padding=1 computes the benchmark peer's FCN8s, its upscore8 set to the bilinear kernel."""
+  """conv1_padding=1 computes the benchmark peer's FCN8s, its upscore8 set to bilinear."""
   torch.manual_seed(0)
   reference = _peer_fcn8s(torch, NUM_CLASSES).eval()
   kernel = fcn.bilinear_kernel(16, NUM_CLASSES).transpose(2, 3, 0, 1).copy()
@@ -482,7 +499,7 @@ def test_unet_small_matches_the_seed(torch):
 @pytest.mark.parametrize("model", [unet.UNet(3, width=4), unet.UNet(3, width=4, bilinear=True),
                                    unet.UNetSmall(3, width=4)])
 def test_unets_train_at_an_odd_size(model):
-  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 37, 45, 3)))
+  variables = _random_variables(model)
   train_apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
   out, updates = train_apply(variables, jnp.ones((2, 37, 45, 3)))
   assert out["logits"].shape == (2, 37, 45, 3) and out["logits"].dtype == jnp.float32

@@ -3,12 +3,15 @@
 The two registered models follow two different published codes, each for a reason:
 
 * `BiSeNetR18` is, op for op, the BiSeNet of the peer benchmark
-  (bench/peers/models_torch.py, CoinCheung/BiSeNet's layout), so that the
-  speed comparison times the same work: a 7x7/3x3/3x3 stride-2 spatial path
-  with a 1x1 projection to 128 channels; ARMs (3x3 ConvBNReLU to 128, then a
-  channel gate) on layer3 and layer4; the global average of layer4 *added* to
-  the 1/32 branch; 3x3 heads after each upsampling; a 1x1 FFM with a squeeze
-  (1/4) and excitation gate; a 3x3 output conv and a 1x1 classifier.
+  (bench/peers/models_torch.py), so that the speed comparison times the same
+  work: a 7x7/3x3/3x3 stride-2 spatial path with a 1x1 projection to 128
+  channels; ARMs (3x3 ConvBNReLU to 128, then a channel gate) on layer3 and
+  layer4; the global average of layer4 *added* to the 1/32 branch; 3x3 heads
+  after each upsampling; a 1x1 FFM with a squeeze (1/4) and excitation gate; a
+  3x3 output conv and a 1x1 classifier. That is CoinCheung/BiSeNet's layout,
+  except that the peer (and so this model) upsamples the context branches
+  bilinearly where CoinCheung uses nearest neighbours, and its classifier has
+  a bias.
 * `BiSeNetR101` is the seed project's BiSeNet (micolrosini/Real-Time-Domain-
   Adaptation-in-Image-Segmentation, model/build_BiSeNet.py, from
   ooooverflow/BiSeNet): a 3x3 spatial path of 64/128/256 channels; ARMs that
@@ -17,19 +20,21 @@ The two registered models follow two different published codes, each for a reaso
   upsampled to 1/8 and concatenated, so the FFM sees 256 + 1024 + 2048 = 3328
   channels and its 3x3 ConvBNReLU maps them straight to `num_classes`; a
   num_classes-wide gate and a final 1x1 conv. The seed applies that conv after
-  the x8 upsampling; a 1x1 conv commutes with bilinear interpolation, so it is
-  applied before, at 1/64 of the cost, and the result resized to the input.
+  upsampling x8; a 1x1 conv commutes with bilinear interpolation, so it runs
+  before, on 1/64 of the pixels, and its output is resized to the input (the
+  same result when the input is a multiple of 8; for other sizes the seed's
+  output would not match the input at all).
 
 Both have the seed's two auxiliary "supervision" heads, 1x1 convs (with bias)
-to `num_classes`, trained with the main head (CoinCheung's and mmseg's heads
-are a 3x3 ConvBNReLU then a 1x1 conv; the seed's are used). In BiSeNetR101
-they read the seed's features: the two gated context maps at 1/8. The peer's
-R18 layout has no such maps, so they read its context path's two outputs, as
-CoinCheung's do: the 1/16 branch after its head (1/8) and the 1/32 branch after
-its head (1/16).
+to `num_classes`, used in training only (CoinCheung's and mmseg's heads are a
+3x3 ConvBNReLU then a 1x1 conv; the seed's are used). In BiSeNetR101 they read
+the seed's features: the two gated context maps at 1/8. The peer's R18 layout
+has no such maps; there they read the context path's two outputs, where
+CoinCheung's read: the 1/16 branch after its head (at 1/8) and the 1/32
+branch after its head (at 1/16).
 
-Resizing is bilinear with align_corners=False, as in both codes (the seed's
-`interpolate` without the argument defaults to it since PyTorch 0.4.1).
+Resizing is bilinear with align_corners=False, as in the peer and the seed
+(whose `interpolate` without the argument defaults to it since PyTorch 0.4.1).
 """
 
 from typing import Self
@@ -104,6 +109,7 @@ class FeatureFusion(nn.Module):
 
 def _from_config(cls, config: ml_collections.ConfigDict, num_classes: int):
   return cls(num_classes=num_classes, norm=config.get("norm", "batch"),
+             aux_heads=config.get("aux_heads", True),
              bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
              dtype=layers.dtype_of(config.dtype),
              param_dtype=layers.dtype_of(config.param_dtype))
@@ -123,6 +129,7 @@ class BiSeNetR18(nn.Module):
   """
   num_classes: int
   norm: str = "batch"
+  aux_heads: bool = True  # False: no supervision heads (as the PyTorch speed peer).
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -164,7 +171,7 @@ class BiSeNetR18(nn.Module):
                                           param_dtype=self.param_dtype, name=name)
     logits = classifier("classifier")(fused)
     aux = ()
-    if train or self.is_initializing():
+    if self.aux_heads and (train or self.is_initializing()):
       aux = (classifier("aux16")(context16), classifier("aux32")(context32))
     return _outputs(logits, aux, images.shape[1:3], train)
 
@@ -177,6 +184,7 @@ class BiSeNetR101(nn.Module):
   """
   num_classes: int
   norm: str = "batch"
+  aux_heads: bool = True  # False: no supervision heads (as the PyTorch speed peer).
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -217,6 +225,6 @@ class BiSeNetR101(nn.Module):
                                           param_dtype=self.param_dtype, name=name)
     logits = classifier("classifier")(fused)
     aux = ()
-    if train or self.is_initializing():
+    if self.aux_heads and (train or self.is_initializing()):
       aux = (classifier("aux16")(context16), classifier("aux32")(context32))
     return _outputs(logits, aux, images.shape[1:3], train)

@@ -1,22 +1,23 @@
 """DeepLabV3+ (Chen et al., ECCV 2018) and DeepLab-v2 (Chen et al., TPAMI 2017) on ResNets.
 
-DeepLabV3+ follows torchvision's and jfzhang95/pytorch-deeplab-xception's
-layout, op for op the peer benchmark's (bench/peers/models_torch.py) for
-ResNet-50: a torchvision ResNet at output stride 16 (or 8); ASPP of a 1x1
-branch, three 3x3 branches at rates 6/12/18 (doubled at stride 8) and image
-pooling, each a ConvBNReLU to 256, then a 1x1 ConvBNReLU projection and
-dropout; a decoder that concatenates the 4x-upsampled ASPP output with layer1
-projected to 48 channels, two 3x3 ConvBNReLU of 256 and a 1x1 classifier. The
+DeepLabV3+ is jfzhang95/pytorch-deeplab-xception's layout on torchvision's
+ResNet and ASPP, op for op the peer benchmark's (bench/peers/models_torch.py)
+for ResNet-50: the ResNet at output stride 16 (or 8); ASPP of a 1x1 branch,
+three 3x3 branches at rates 6/12/18 (doubled at stride 8) and image pooling,
+each a ConvBNReLU to 256, then a 1x1 ConvBNReLU projection and dropout; a
+decoder that concatenates the 4x-upsampled ASPP output with layer1 projected
+to 48 channels, two 3x3 ConvBNReLU of 256 and a 1x1 classifier. The
 convolutions are regular ones (mmseg's variant is depthwise separable). Where
 the references differ, the peer is followed: no multi-grid (1, 2, 4) in layer4
 and no dropout inside the decoder (jfzhang95 has both). `aux_head` adds
 mmseg's auxiliary FCNHead on layer3 (3x3 ConvBNReLU to 256, channel dropout
-0.1, 1x1 classifier; mmseg weights its loss 0.4, `config.loss.aux_weights`).
+0.1, 1x1 classifier), whose loss mmseg weights 0.4 (config.loss.aux_weights).
 
 DeepLab-v2 is AdaptSegNet's model/deeplab_multi.py and ADVENT's
-advent/model/deeplabv2.py: the Caffe ResNet-101 at output stride 8 with every
-BatchNorm frozen, and one ASPP-v2 classifier on layer3 ('layer5', the
-auxiliary head of multi-level adaptation) and one on layer4 ('layer6', the
+advent/model/deeplabv2.py: the Caffe ResNet-101 (stride on the first 1x1
+conv, ceil-mode max pooling, layer3 and layer4 dilated 2 and 4: output stride
+8) with every BatchNorm frozen, one ASPP-v2 classifier on layer3 ('layer5',
+the auxiliary head of multi-level adaptation) and one on layer4 ('layer6', the
 main head).
 """
 
@@ -206,7 +207,13 @@ class DeepLabV2R101(nn.Module):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
-    return cls(num_classes=num_classes, norm=config.get("norm", "frozen"),
+    """`model.norm` defaults to 'frozen' (the reference) when backbone weights are given.
+
+    Without them it defaults to 'batch': frozen statistics of an untrained
+    network are the identity, and 33 unnormalised bottlenecks overflow.
+    """
+    default_norm = "frozen" if config.get("backbone_weights") else "batch"
+    return cls(num_classes=num_classes, norm=config.get("norm", default_norm),
                aspp_branches=config.get("aspp_branches", 4),
                bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
                dtype=layers.dtype_of(config.dtype),

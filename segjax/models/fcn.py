@@ -140,13 +140,15 @@ class _FCN(nn.Module):
 
   Returns {'logits': (N, H, W, num_classes) float32, 'aux': (), 'features':
   fc7 (N, h, w, 4096) in the compute dtype, the map FCNs in the Wild's global
-  domain classifier reads}. Dropout after fc6 and fc7 needs a 'dropout' rng
-  when `train`. No normalisation layers, hence no `bn_axis_name`.
+  domain classifier reads}. Dropout after fc6 and fc7 (`dropout_rate`, 0.5 in
+  the reference) needs a 'dropout' rng when `train`. No normalisation layers,
+  hence no `bn_axis_name`.
   """
   num_classes: int
   conv1_padding: int = 100
   learned_upsampling: bool = True
   skip_scaling: bool = False
+  dropout_rate: float = 0.5
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -160,6 +162,7 @@ class _FCN(nn.Module):
                conv1_padding=config.get("conv1_padding", 100),
                learned_upsampling=config.get("learned_upsampling", True),
                skip_scaling=config.get("skip_scaling", False),
+               dropout_rate=config.get("dropout_rate", 0.5),
                dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
 
@@ -167,12 +170,13 @@ class _FCN(nn.Module):
     return layers.conv(self.num_classes, 1, use_bias=True, kernel_init=nn.initializers.zeros,
                        dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
 
-  def _upsample(self, x: jax.Array, stride: int, learned: bool, name: str) -> jax.Array:
+  def _upsample(self, x: jax.Array, stride: int, learned_name: str | None = None) -> jax.Array:
+    """Deconvolution by `stride` (kernel 2 * stride): learned as `learned_name`, or fixed if None."""
     padding = 0 if self.conv1_padding == 100 else stride // 2
-    if learned:
+    if learned_name:
       return ConvTranspose(self.num_classes, 2 * stride, stride, padding, use_bias=False,
                            kernel_init=bilinear_init, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name=name)(x)
+                           param_dtype=self.param_dtype, name=learned_name)(x)
     kernel = jnp.asarray(bilinear_kernel(2 * stride, self.num_classes), self.dtype)
     return conv_transpose(x, kernel, stride, padding)
 
@@ -183,12 +187,12 @@ class _FCN(nn.Module):
                        f"got {self.conv1_padding} (config field model.conv1_padding).")
     reference = self.conv1_padding == 100
     height, width = images.shape[1:3]
-    features = VGG16(conv1_padding=self.conv1_padding, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="backbone")(images, train)
+    features = VGG16(conv1_padding=self.conv1_padding, dropout_rate=self.dropout_rate,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="backbone")(images, train)
     x = self._score(features["fc7"], "score_fr")
     upscore_name = "upscore2"
     for skip in self.skips:
-      x = self._upsample(x, 2, self.learned_upsampling, upscore_name)
+      x = self._upsample(x, 2, upscore_name if self.learned_upsampling else None)
       skip_features = features[skip]
       if self.skip_scaling:
         skip_features = skip_features * SKIP_SCALES[skip]
@@ -200,7 +204,7 @@ class _FCN(nn.Module):
       x = x + score
       upscore_name = f"upscore_{skip}"
     stride = 32 // 2 ** len(self.skips)
-    x = self._upsample(x, stride, False, f"upscore{stride}" if self.skips else "upscore")
+    x = self._upsample(x, stride)  # upscore / upscore16 / upscore8: always fixed.
     x = _crop(x, REFERENCE_FINAL_CROPS[stride] if reference else 0, height, width)
     return {"logits": x.astype(jnp.float32), "aux": (), "features": features["fc7"]}
 

@@ -5,13 +5,14 @@
 max-pool downs, four ups that double the resolution (a learned 2x2 stride-2
 transposed convolution, or with `bilinear` an align-corners bilinear resize
 and a halved bottom width) and concatenate the skip, then a 1x1 classifier.
-With 2 classes it has 31,037,698 parameters (17,267,394 with `bilinear`).
+With 2 classes it has 31,037,698 parameters (17,263,042 with `bilinear`).
 
 `UNetSmall` is seed (d)'s own "my_FCN" (kerrgarr/SemanticSegmentationCityscapes,
 `seg_code/models.py`), ported layer for layer; see its docstring.
 
-Both work at any input size: pooling floors (UNet) or ceils (UNetSmall) odd
-sizes, and the decoder pads or resamples each upsampled map to its skip's size.
+Both work at any input size (UNet: at least 16 pixels a side, for its four
+pools): pooling floors (UNet) or ceils (UNetSmall) odd sizes, and the decoder
+pads (UNet) or resamples (UNetSmall) each upsampled map to its skip's size.
 """
 
 from typing import Self
@@ -203,7 +204,7 @@ class UNetSmall(nn.Module):
   Skips are summed, not concatenated. The seed's input normalisation,
   (x - 0.5) / 0.25 inside forward, is left to the data pipeline, which
   normalises the inputs of every model.
-  With 19 classes and width 32 it has 1,873,747 parameters.
+  With 19 classes and width 32 it has 1,599,283 parameters.
   Returns {'logits': (N, H, W, num_classes) float32, 'aux': ()}.
   """
   num_classes: int

@@ -16,7 +16,6 @@ ImageNet classifier, `num_batches_tracked`) are reported, not loaded.
 
 import dataclasses
 import os
-import zipfile
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -46,19 +45,21 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"Backbone weights file {path!r} (config field "
                             "model.backbone_weights) does not exist.")
   ext = os.path.splitext(path)[1].lower()
+  if ext not in (".safetensors", ".npz", ".pth", ".pt", ".bin"):
+    raise ValueError(f"Backbone weights file {path!r} has extension {ext!r}; expected "
+                     ".pth/.pt (PyTorch), .safetensors or .npz.")
   try:
     if ext == ".safetensors":
-      from safetensors.numpy import load_file
+      from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
       tensors = load_file(path)
     elif ext == ".npz":
       with np.load(path, allow_pickle=False) as f:
         tensors = {k: f[k] for k in f.files}
-    elif ext in (".pth", ".pt", ".bin"):
-      tensors = _read_torch(path)
     else:
-      raise ValueError(f"Backbone weights file {path!r} has extension {ext!r}; expected "
-                       ".pth/.pt (PyTorch), .safetensors or .npz.")
-  except (OSError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
+      tensors = _read_torch(path)
+  except ImportError:
+    raise
+  except Exception as e:  # Each format's library raises its own type for a corrupt file.
     raise ValueError(f"Cannot read backbone weights file {path!r}: {e}") from e
   return {k: np.asarray(v) for k, v in tensors.items()}
 

@@ -1,0 +1,121 @@
+"""Model summary: parameters, FLOPs and forward latency of a config's networks.
+
+  python -m segjax.tools.summary --config=configs/bisenet_gta5_cityscapes.py \
+      --height=512 --width=1024 --batch=1
+
+For the segmenter (and the discriminator of an adversarial method) it prints
+the parameter count, the FLOPs of one forward pass from XLA's cost analysis
+of the compiled program (a multiply-add counts as 2 FLOPs, and taps that fall
+on zero padding are not counted; `thop` reports MACs, about half of that), the FLOPs of one training step of the segmenter
+(forward, backward, update), and the median forward latency on this machine
+in the config's `model.dtype`. The JAX answer to the seeds' `thop` numbers.
+"""
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from segjax import losses, models, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
+flags.DEFINE_integer("height", None, "Input height (default: the config's data.crop_size).")
+flags.DEFINE_integer("width", None, "Input width (default: the config's data.crop_size).")
+flags.DEFINE_integer("batch", 1, "Images per forward pass.")
+flags.DEFINE_integer("num_classes", 19, "Output classes (19: Cityscapes' train ids).")
+flags.DEFINE_integer("repeats", 10, "Timed forward passes (after 2 warm-ups).")
+flags.mark_flags_as_required(["config"])
+
+
+def compiled_flops(fn, *args) -> float:
+  """FLOPs of `fn(*args)` according to XLA's cost analysis of the compiled program."""
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(analysis, list):  # Older jax returned one dict per device program.
+    analysis = analysis[0]
+  return float(analysis.get("flops", float("nan")))
+
+
+def median_latency(fn, args, repeats: int) -> float:
+  """Median seconds of `fn(*args)` (compiled), after two warm-up calls."""
+  fn = jax.jit(fn)
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def summarize(config, height: int, width: int, batch: int, num_classes: int,
+              repeats: int) -> list[dict]:
+  """One record per network: name, params, forward and train-step FLOPs, latency."""
+  config.model.sync_batch_stats = False  # Applied outside a device mesh here.
+  images = jnp.zeros((batch, height, width, 3), jnp.float32)
+  seg = models.build_segmenter(config.model, num_classes)
+  variables = jax.jit(lambda: seg.init(jax.random.key(0), images[:1], train=False))()
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  forward = lambda p, s, x: seg.apply({"params": p, "batch_stats": s}, x, train=False)["logits"]
+  seg_loss = losses.from_config(config.loss)
+  labels = jnp.zeros((batch, height, width), jnp.int32)
+
+  def train_loss(p, s, x):
+    outputs, _ = seg.apply({"params": p, "batch_stats": s}, x, train=True,
+                           rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+    heads = (outputs["logits"], *outputs["aux"])
+    return sum(losses.global_mean(*seg_loss(h, labels), None) for h in heads)
+
+  records = [{
+      "network": f"model: {config.model.name}", "params": count(params),
+      "forward_flops": compiled_flops(forward, params, stats, images),
+      "train_flops": compiled_flops(jax.grad(train_loss), params, stats, images),
+      "latency_s": median_latency(forward, (params, stats, images), repeats)}]
+  if train.METHODS[config.adapt.method]:
+    disc = models.build_discriminator(config.disc, num_classes)
+    probs = jnp.zeros((batch, height, width, num_classes), jnp.float32)
+    disc_params = jax.jit(lambda: disc.init(jax.random.key(0), probs[:1]))()["params"]
+    disc_forward = lambda p, x: disc.apply({"params": p}, x)
+    records.append({
+        "network": f"disc: {config.disc.name}", "params": count(disc_params),
+        "forward_flops": compiled_flops(disc_forward, disc_params, probs),
+        "train_flops": compiled_flops(
+            jax.grad(lambda p, x: jnp.mean(disc_forward(p, x))), disc_params, probs),
+        "latency_s": median_latency(disc_forward, (disc_params, probs), repeats)})
+  return records
+
+
+def format_table(records: list[dict], height: int, width: int, batch: int, dtype: str) -> str:
+  lines = [f"Input {batch}x{height}x{width}x3, compute dtype {dtype}, "
+           f"{jax.devices()[0].platform.upper()} ({jax.device_count()} device(s))",
+           f"{'network':32s} {'params':>14s} {'fwd GFLOPs':>11s} {'train GFLOPs':>13s} "
+           f"{'fwd ms':>9s}"]
+  for r in records:
+    lines.append(f"{r['network']:32s} {r['params']:>14,d} {r['forward_flops'] / 1e9:>11.2f} "
+                 f"{r['train_flops'] / 1e9:>13.2f} {r['latency_s'] * 1e3:>9.1f}")
+  lines.append("FLOPs from XLA's cost analysis (multiply-add = 2 FLOPs; thop's MACs are half); "
+               "train = forward + backward of the segmentation loss.")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  height = FLAGS.height or config.data.crop_size[0]
+  width = FLAGS.width or config.data.crop_size[1]
+  records = summarize(config, height, width, FLAGS.batch, FLAGS.num_classes, FLAGS.repeats)
+  print(format_table(records, height, width, FLAGS.batch, config.model.dtype))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,45 @@
+"""segjax.tools.summary: parameter counts, XLA FLOPs and latency of a config's networks."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import e2e
+from configs import adapt
+from segjax.tools import summary
+
+
+def test_compiled_flops_counts_a_convolution_exactly():
+  """2 FLOPs per multiply-add; XLA does not count the taps that fall on zero padding."""
+  x = jnp.zeros((2, 16, 24, 8))
+  w = jnp.zeros((3, 3, 8, 32))
+  conv = lambda x, w, padding: jax.lax.conv_general_dilated(
+      x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert summary.compiled_flops(lambda x, w: conv(x, w, "VALID"), x, w) == (
+      2 * 2 * 14 * 22 * 3 * 3 * 8 * 32)
+  valid_taps = (16 * 3 - 2) * (24 * 3 - 2)  # Per image and channel pair, with SAME padding.
+  assert summary.compiled_flops(lambda x, w: conv(x, w, "SAME"), x, w) == (
+      2 * 2 * valid_taps * 8 * 32)
+
+
+def test_summary_reports_both_networks_of_an_adversarial_config():
+  config = adapt.get_config()
+  config.model.width = 8
+  records = summary.summarize(config, 32, 64, batch=1, num_classes=19, repeats=1)
+  assert [r["network"] for r in records] == ["model: compact", "disc: fcd"]
+  assert records[1]["params"] == 2_781_121  # AdaptSegNet's FCD with 19 classes.
+  for r in records:
+    assert 0 < r["forward_flops"] < r["train_flops"] and r["latency_s"] > 0
+  table = summary.format_table(records, 32, 64, 1, "float32")
+  assert "2,781,121" in table and "disc: fcd" in table
+
+
+def test_summary_command_runs():
+  proc = subprocess.run(
+      [sys.executable, "-m", "segjax.tools.summary", "--config=configs/test.py", "--height=32",
+       "--width=64", "--repeats=1"], cwd=e2e.REPO_ROOT, env=e2e.env(1, ""), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "model: compact" in proc.stdout and "fwd GFLOPs" in proc.stdout
