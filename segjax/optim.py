@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules of the seeds' recipes."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -13,8 +14,13 @@ def poly_schedule(base_lr: float, num_steps: int, power: float = 0.9) -> optax.S
   """lr = base * (1 - step / num_steps) ** power (DeepLab's 'poly' policy); power 0 is constant."""
   if power == 0:
     return optax.constant_schedule(base_lr)
-  return optax.polynomial_schedule(init_value=base_lr, end_value=0.0, power=power,
-                                   transition_steps=num_steps)
+
+  def schedule(step):
+    # Clamped at 0: under jit, 1 - T/T can round to -1e-7, and its 0.9th power is NaN
+    # (optax.polynomial_schedule gives NaN at step T for this reason).
+    remaining = jnp.maximum(1.0 - jnp.asarray(step, jnp.float32) / num_steps, 0.0)
+    return base_lr * remaining ** power
+  return schedule
 
 
 def _scaled(schedule: optax.Schedule, factor: float) -> optax.Schedule:

@@ -8,7 +8,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from segjax import losses, metrics
+from segjax import losses, metrics, optim
 
 
 def test_cross_entropy_ignores_255_and_matches_hand_values():
@@ -98,3 +98,11 @@ def test_ohem_keeps_hard_pixels_or_the_hardest_sixteenth():
   total, count = losses.ohem_cross_entropy(logits, labels, thresh=0.7)
   assert float(count) == 2.0
   np.testing.assert_allclose(float(total), math.log(2.0) + math.log(10 / 9), rtol=1e-5)
+
+
+def test_poly_schedule_reaches_zero_without_nan_under_jit():
+  schedule = optim.poly_schedule(0.01, 6, 0.9)
+  values = jax.jit(jax.vmap(schedule))(jnp.arange(10))
+  np.testing.assert_allclose(values[:3], [0.01, 0.01 * (5 / 6) ** 0.9, 0.01 * (4 / 6) ** 0.9],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(values[6:], 0.0)

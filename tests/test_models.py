@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+import test_recipes
 from configs import test as test_config
 from segjax import models, parallel, steps, train
 
@@ -29,8 +30,18 @@ def test_discriminator_parameter_counts_match_the_references(name, expected):
   assert disc.apply(variables, jnp.zeros((2, 64, 128, 19))).shape == (2, 2, 4, 1)
 
 
-@pytest.mark.parametrize("name", sorted(models.SEGMENTERS))
-def test_every_segmenter_trains_at_an_odd_input_size(name):
+# The paper configs' end-to-end runs (tests/test_recipes.py) train the other
+# registered segmenters at 97x131 through the entry point.
+TRAINED_BY_RECIPES = {"fcn8s_vgg16", "bisenet_r18", "deeplabv3plus_r101", "unet", "deeplabv2_r101"}
+
+
+def test_every_registered_segmenter_is_trained_by_a_test():
+  assert TRAINED_BY_RECIPES <= set(models.SEGMENTERS)
+  assert TRAINED_BY_RECIPES == {model for _, model in test_recipes.CONFIGS}
+
+
+@pytest.mark.parametrize("name", sorted(set(models.SEGMENTERS) - TRAINED_BY_RECIPES))
+def test_segmenter_trains_at_an_odd_input_size(name):
   """Forward, backward and two SGD steps at 97x131; outputs come back at 97x131."""
   config = test_config.get_config()
   config.model.name = name
@@ -90,3 +101,52 @@ def test_adaptation_trains_with_the_light_discriminator():
     seg, disc, metrics = step(seg, disc, parallel.to_global(batch, mesh), jax.random.key(i))
     losses.append(float(metrics["loss_disc"]))
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def _train_losses(dtype: str, num_steps: int) -> tuple[list[float], dict]:
+  config = test_config.get_config()
+  config.model.dtype = dtype
+  config.num_train_steps = 100
+  config.optim.seg.lr = 0.1
+  config.adapt.method = "source_only"
+  mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
+  states, schedules = train.create_states(config, jax.random.key(0), 8, mesh)
+  step = parallel.data_parallel(
+      functools.partial(steps.train_step, lambda_adv=0.0, lr_fn=schedules["seg"],
+                        mean=(0.5,) * 3, std=(0.25,) * 3),
+      mesh, in_specs=(P(), P(), P("data"), P()), out_specs=(P(), P(), P()))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, 32, 64, 3), dtype=np.uint8)
+  labels = (images[..., 0] // 32).astype(np.uint8)  # Learnable from the pixels.
+  batch = parallel.to_global({"source": {"image": images, "label": labels}}, mesh)
+  seg, losses = states["seg"], []
+  for i in range(num_steps):
+    seg, _, metrics = step(seg, None, batch, jax.random.key(i))
+    losses.append(float(metrics["loss_seg"]))
+  return losses, seg.params
+
+
+def test_bfloat16_compute_trains_like_float32_with_float32_parameters():
+  losses32, _ = _train_losses("float32", 25)
+  losses16, params16 = _train_losses("bfloat16", 25)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
+  assert np.all(np.isfinite(losses16))
+  assert losses16[-1] < losses16[0] - 0.1  # Learning, not just finite.
+  np.testing.assert_allclose(losses16, losses32, rtol=0.02)
+
+
+@pytest.mark.parametrize("name", ["bisenet_r18", "deeplabv3plus_r50"])
+def test_bfloat16_forward_stays_close_to_float32(name):
+  config = test_config.get_config().model
+  config.name = name
+  config.sync_batch_stats = False
+  images = jax.random.uniform(jax.random.key(1), (1, 64, 96, 3))
+  seg32 = models.build_segmenter(config, 5)
+  variables = seg32.init(jax.random.key(0), images)
+  config.dtype = "bfloat16"
+  seg16 = models.build_segmenter(config, 5)
+  out32 = seg32.apply(variables, images)["logits"]
+  out16 = seg16.apply(variables, images)["logits"]
+  assert out16.dtype == jnp.float32
+  error = float(jnp.max(jnp.abs(out16 - out32)) / jnp.max(jnp.abs(out32)))
+  assert error < 0.05, error
