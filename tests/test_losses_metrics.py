@@ -5,10 +5,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from segjax import losses, metrics, optim
+from configs import default
+from segjax import losses, metrics, optim, steps
 
 
 def test_cross_entropy_ignores_255_and_matches_hand_values():
@@ -106,3 +108,44 @@ def test_poly_schedule_reaches_zero_without_nan_under_jit():
   np.testing.assert_allclose(values[:3], [0.01, 0.01 * (5 / 6) ** 0.9, 0.01 * (4 / 6) ** 0.9],
                              rtol=1e-6)
   np.testing.assert_array_equal(values[6:], 0.0)
+
+
+def _loss_config(**overrides):
+  config = default.get_config().loss
+  config.update(overrides)
+  return config
+
+
+def test_loss_by_config_name():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 7, 4)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 4, (2, 5, 7)), jnp.int32).at[0, 0, :3].set(255)
+  ce = losses.cross_entropy(logits, labels)
+  focal = losses.focal_loss(logits, labels, gamma=2.0)
+  np.testing.assert_allclose(losses.from_config(_loss_config(name="ce"))(logits, labels), ce)
+  combined = losses.from_config(_loss_config(name="ce+focal"))(logits, labels)
+  np.testing.assert_allclose(combined, (ce[0] + focal[0], ce[1]), rtol=1e-6)
+  alpha = losses.from_config(_loss_config(name="focal", focal_alpha=0.25))(logits, labels)
+  np.testing.assert_allclose(alpha[0], 0.25 * focal[0], rtol=1e-6)
+  weighted = losses.from_config(_loss_config(name="ce", class_weights=(1.0, 2.0, 1.0, 1.0)))
+  np.testing.assert_allclose(
+      weighted(logits, labels),
+      losses.cross_entropy(logits, labels, class_weights=jnp.asarray([1.0, 2.0, 1.0, 1.0])))
+  with pytest.raises(ValueError, match=r"loss.name.*\['ce', 'focal', 'ce\+focal', 'ohem'\]"):
+    losses.from_config(_loss_config(name="dice"))
+  with pytest.raises(ValueError, match="class_weights cannot be combined"):
+    losses.from_config(_loss_config(name="ce+focal", class_weights=(1.0,) * 4))
+
+
+def test_auxiliary_heads_add_their_weighted_losses():
+  """BiSeNet: main + aux16 + aux32 (weights 1, 1); DeepLab-v2: main + 0.1 x layer3 head."""
+  rng = np.random.default_rng(1)
+  heads = [jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32) for _ in range(3)]
+  labels = jnp.asarray(rng.integers(0, 5, (2, 3, 4)), jnp.int32)
+  outputs = {"logits": heads[0], "aux": tuple(heads[1:])}
+  mean_ce = [float(losses.global_mean(*losses.cross_entropy(h, labels), None)) for h in heads]
+  total, parts = steps.supervised_loss(outputs, labels, losses.cross_entropy, (1.0, 0.1), None)
+  np.testing.assert_allclose(float(total), mean_ce[0] + mean_ce[1] + 0.1 * mean_ce[2], rtol=1e-6)
+  assert sorted(parts) == ["loss_seg", "loss_seg_aux1", "loss_seg_aux2"]
+  with pytest.raises(ValueError, match="2 auxiliary heads but loss.aux_weights has 1"):
+    steps.supervised_loss(outputs, labels, losses.cross_entropy, (0.1,), None)
