@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax.models import fast_ops
+
 
 def dtype_of(name: str) -> jnp.dtype:
   """Maps a config string ('float32', 'bfloat16', ...) to a dtype."""
@@ -36,11 +38,8 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     k = self.kernel_size
-    x = nn.Conv(self.features, (k, k), strides=self.strides,
-                kernel_dilation=self.dilation,
-                padding=[(self.dilation * (k - 1) // 2,) * 2] * 2, use_bias=False,
-                kernel_init=nn.initializers.kaiming_normal(),
-                dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    x = conv(self.features, k, self.strides, self.dilation * (k - 1) // 2, self.dilation,
+             dtype=self.dtype, param_dtype=self.param_dtype)(x)
     x = batch_norm(train, self.bn_axis_name, self.dtype, self.param_dtype)(x)
     return nn.relu(x)
 
@@ -94,17 +93,27 @@ def norm(kind: str, train: bool, axis_name: str | None, dtype, param_dtype, name
 def conv(features: int, kernel_size: int, strides: int = 1, padding: int = 0,
          dilation: int = 1, use_bias: bool = False, groups: int = 1, dtype=jnp.float32,
          param_dtype=jnp.float32, name=None, kernel_init=None) -> nn.Conv:
-  """A 2-D convolution with PyTorch's arguments (symmetric integer padding)."""
+  """A 2-D convolution with PyTorch's arguments (symmetric integer padding).
+
+  An `nn.Conv` (same variables: 'kernel' (k, k, in / groups, out), 'bias')
+  whose convolution is `fast_ops.conv_general_dilated`: lax's numbers, in the
+  formulation XLA:CPU runs fastest for these static shapes.
+  """
   return nn.Conv(features, (kernel_size, kernel_size), strides=strides,
                  padding=[(padding, padding)] * 2, kernel_dilation=dilation,
                  feature_group_count=groups, use_bias=use_bias, dtype=dtype,
                  param_dtype=param_dtype, name=name,
-                 kernel_init=kernel_init or nn.initializers.kaiming_normal())
+                 kernel_init=kernel_init or nn.initializers.kaiming_normal(),
+                 conv_general_dilated=fast_ops.conv_general_dilated)
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0,
              ceil_mode: bool = False) -> jax.Array:
-  """MaxPool2d with PyTorch's semantics, including `ceil_mode` (Caffe's pooling)."""
+  """MaxPool2d with PyTorch's semantics, including `ceil_mode` (Caffe's pooling).
+
+  The gradient goes to each window's first maximum, as in PyTorch (see
+  `fast_ops.max_pool`, which computes it without XLA:CPU's slow scatter).
+  """
   pads = []
   for size in x.shape[1:3]:
     extra = 0
@@ -114,7 +123,7 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0,
         out -= 1
       extra = max(0, (out - 1) * stride + window - (size + 2 * padding))
     pads.append((padding, padding + extra))
-  return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+  return fast_ops.max_pool(x, window, stride, tuple(pads))
 
 
 # Flax variable names -> PyTorch's parameter and buffer names (conv and norm layers).
