@@ -233,8 +233,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits(name):
   assert {x.dtype for x in (out["logits"], *out["aux"])} == {jnp.dtype(jnp.float32)}
 
 
-def test_deeplabv2_freezes_every_batchnorm_by_default():
-  variables = abstract_init(models.build_segmenter(model_config("deeplabv2_r101"), NUM_CLASSES))
+def test_deeplabv2_freezes_every_batchnorm_when_given_backbone_weights():
+  config = model_config("deeplabv2_r101", backbone_weights="resnet101.safetensors")
+  variables = abstract_init(models.build_segmenter(config, NUM_CLASSES))
   param_leaves = {path[-1] for path in traverse_util.flatten_dict(variables["params"])}
   assert param_leaves == {"kernel", "bias"}  # Convolutions only; the heads' have a bias.
   backbone_params = traverse_util.flatten_dict(variables["params"]["backbone"])
@@ -311,8 +312,10 @@ def test_from_config_reads_the_model_fields_and_published_defaults():
              norm="frozen", sync_batch_stats=True, dtype="bfloat16")
   assert (v3.depth, v3.output_stride, v3.dropout_rate, v3.aux_head, v3.norm, v3.bn_axis_name,
           v3.dtype) == (50, 8, 0.1, True, "frozen", "data", jnp.bfloat16)
-  v2 = build("deeplabv2_r101")
+  v2 = build("deeplabv2_r101", backbone_weights="resnet101.safetensors")
   assert (v2.norm, v2.aspp_branches, v2.num_classes) == ("frozen", 4, 7)
+  # Without pretrained weights, frozen statistics would be the identity: BatchNorm trains.
+  assert build("deeplabv2_r101").norm == "batch"
   assert build("deeplabv2_r101", aspp_branches=2, norm="batch").aspp_branches == 2
   assert build("bisenet_r101", norm="frozen").norm == "frozen"
   with pytest.raises(ValueError, match="model.output_stride"):

@@ -78,7 +78,8 @@ def test_segmenter_trains_at_an_odd_input_size(name):
 
 def test_unknown_discriminator_name_is_a_clear_error():
   config = ml_collections.ConfigDict(dict(name="patchgan", width=64))
-  with pytest.raises(ValueError, match=r"Unknown disc name 'patchgan' .*\['dsc', 'fcd'\]"):
+  with pytest.raises(ValueError,
+                     match=r"Unknown disc name 'patchgan' .*\['dsc', 'fc7_domain', 'fcd'\]"):
     models.build_discriminator(config, 8)
 
 

@@ -136,7 +136,9 @@ def test_eight_devices_equal_one_device():
   state8, metrics8 = _train(_setup(8), batch)
   state1, metrics1 = _train(_setup(1), batch)
   _assert_trees_close(metrics8, metrics1, rtol=1e-5)
-  _assert_trees_close(state8, state1)
+  # One image per device vs eight: the convolutions may be formulated differently for the
+  # two shapes (segjax.models.fast_ops), which changes float rounding, not the sums.
+  _assert_trees_close(state8, state1, atol=1e-5)
 
 
 def test_per_device_batch_norm_normalises_each_device_alone():
