@@ -28,14 +28,13 @@ class ResidualBlock(nn.Module):
     common = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
     y = layers.ConvBNReLU(self.features, strides=self.strides, dilation=self.dilation,
                           **common)(x, train)
-    y = nn.Conv(self.features, (3, 3), padding=[(self.dilation,) * 2] * 2,
-                kernel_dilation=self.dilation, use_bias=False,
-                kernel_init=nn.initializers.kaiming_normal(),
-                dtype=self.dtype, param_dtype=self.param_dtype)(y)
+    y = layers.conv(self.features, 3, padding=self.dilation, dilation=self.dilation,
+                    dtype=self.dtype, param_dtype=self.param_dtype)(y)
     y = layers.batch_norm(train, self.bn_axis_name, self.dtype, self.param_dtype)(y)
     if x.shape[-1] != self.features or self.strides != 1:
-      x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
-                  dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = layers.conv(self.features, 1, self.strides, dtype=self.dtype,
+                      param_dtype=self.param_dtype,
+                      kernel_init=nn.initializers.lecun_normal())(x)
       x = layers.batch_norm(train, self.bn_axis_name, self.dtype, self.param_dtype)(x)
     return nn.relu(x + y)
 
@@ -79,7 +78,8 @@ class CompactSeg(nn.Module):
     x = jnp.concatenate([x, low], axis=-1)
     x = layers.ConvBNReLU(2 * w, **common)(x, train)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                     param_dtype=self.param_dtype)(x)
+    logits = layers.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+                         param_dtype=self.param_dtype,
+                         kernel_init=nn.initializers.lecun_normal())(x)
     return {"logits": layers.resize_bilinear(logits, height, width).astype(jnp.float32),
             "aux": ()}

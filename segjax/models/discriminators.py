@@ -1,5 +1,6 @@
 """Domain discriminators for adversarial adaptation."""
 
+import functools
 from typing import Self
 
 import flax.linen as nn
@@ -33,12 +34,12 @@ class FCDiscriminator(_Discriminator):
   @nn.compact
   def __call__(self, x):
     x = x.astype(self.dtype)
+    conv = functools.partial(layers.conv, kernel_size=4, strides=2, padding=1, use_bias=True,
+                             dtype=self.dtype, param_dtype=self.param_dtype,
+                             kernel_init=nn.initializers.lecun_normal())
     for mult in (1, 2, 4, 8):
-      x = nn.Conv(self.width * mult, (4, 4), strides=2, padding=[(1, 1), (1, 1)],
-                  dtype=self.dtype, param_dtype=self.param_dtype)(x)
-      x = nn.leaky_relu(x, negative_slope=0.2)
-    x = nn.Conv(1, (4, 4), strides=2, padding=[(1, 1), (1, 1)],
-                dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = nn.leaky_relu(conv(self.width * mult)(x), negative_slope=0.2)
+    x = conv(1)(x)
     return x.astype(jnp.float32)
 
 
@@ -57,8 +58,8 @@ class DepthwiseSeparableDiscriminator(_Discriminator):
       x = nn.Conv(x.shape[-1], (4, 4), strides=2, padding=[(1, 1), (1, 1)],
                   feature_group_count=x.shape[-1], use_bias=False, dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f"depthwise_{i}")(x)
-      x = nn.Conv(features, (1, 1), use_bias=False, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name=f"pointwise_{i}")(x)
+      x = layers.conv(features, 1, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=f"pointwise_{i}", kernel_init=nn.initializers.lecun_normal())(x)
       if i < 4:
         x = nn.leaky_relu(x, negative_slope=0.2)
     return x.astype(jnp.float32)
@@ -82,10 +83,13 @@ class FC7DomainClassifier(_Discriminator):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    conv = functools.partial(layers.conv, kernel_size=1, use_bias=True, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             kernel_init=nn.initializers.lecun_normal())
     x = x.astype(self.dtype)
     for features in (self.width, self.width // 2):
-      x = nn.Conv(features, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = conv(features)(x)
       x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
       x = nn.relu(x)
-    x = nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    x = conv(1)(x)
     return x.astype(jnp.float32)

@@ -13,20 +13,26 @@ see `layers.conv`) that plans each convolution:
     their outputs and gradients are exactly zero;
   * then each pass (forward, input gradient, kernel gradient) is one of
       - 'xla': lax's convolution (and its autodiff transposes);
-      - 'taps': one matrix product per kernel tap, (input slice) @ (tap's
-        Cin x Cout matrix), each over the output box whose reads fall inside
-        the map, so products with padding are skipped rather than computed
-        as zeros (on DeepLab's 16x32 ASPP maps most products are). 1x1
-        convolutions are a single such product, differentiated by autodiff;
+      - 'taps': one 2-D matrix product per kernel tap, (input slice) @ (the
+        tap's Cin x Cout matrix). Where padding makes up a fifth or more of
+        the products (DeepLab's ASPP and VGG's fc6 on small maps), each tap
+        covers only the outputs that read inside the map, so those products
+        are skipped rather than computed as zeros. A 1x1 convolution is a
+        single such product, differentiated by autodiff;
       - 's2d' (input gradient of stride-2 convolutions): autodiff of the
         stride-1 convolution of the 2x2 space-to-depth input, which avoids
         the zero-interleaved gradient XLA is slow on.
-    The forward and input gradient use taps on maps of at most 16x32 outputs
-    (where a copy per tap is cheap), the kernel gradient from 128 input
-    channels or on maps of at most 32x64. These rules come from timing each
-    candidate per convolution of the segmentation models on a 2-core AVX-512
-    machine; the taps and s2d formulations sum the same products as lax, so
-    results agree to float rounding (tests/test_fast_conv.py).
+    Forward: taps for 1x1 kernels and where taps skip padding on maps of at
+    most 16x32 outputs, else XLA (which also fuses the BatchNorm and ReLU
+    that follow). Input gradient: taps on maps of at most 16x32, s2d for
+    stride 2 on large maps, else XLA. Kernel gradient: taps from 128 input
+    channels, from 128 output channels at stride 1, or on maps of at most
+    32x64, else XLA (64-channel maps of 64x128 and more).
+These rules come from timing each candidate on every convolution of the
+segmentation models and the discriminator on a 2-core AVX-512 machine. All
+formulations sum the same products as lax, so results agree to float
+rounding (tests/test_fast_conv.py). bfloat16 inputs are computed in float32,
+as XLA:CPU does internally, with one conversion per operand.
 
 `max_pool` has a hand-written gradient: XLA:CPU differentiates a strided
 max reduce-window through a scatter that took about 120 ms per ResNet stem at
@@ -44,7 +50,7 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 _TAPS_MAX_MAP = 16 * 32           # forward and input gradient by taps up to this many outputs
-_TAPS_GRAD_MIN_CHANNELS = 128     # kernel gradient by taps from this many input channels...
+_TAPS_GRAD_MIN_CHANNELS = 128     # kernel gradient by taps from this many channels...
 _TAPS_GRAD_MAX_MAP = 32 * 64      # ...or up to this many outputs
 _S2D_MIN_MAP = 64 * 128           # stride-2 input gradient by space-to-depth from this many outputs
 _S2D_MIN_MAP_EVEN_KERNEL = 32 * 64  # ...or from this many when the kernel is even (no added taps)
@@ -90,23 +96,24 @@ def _plan(x_shape, kernel_shape, strides, padding, dilation) -> _Plan:
     kept.append(k)
     offset.append(first)
     pads.append((low, (out[a] - 1) * strides[a] + dilation[a] * (k - 1) + 1 - size[a] - low))
+  geometry = _Plan(tuple(kept), tuple(offset), tuple(strides), tuple(dilation), tuple(pads), out)
   pixels, kept_taps = out[0] * out[1], kept[0] * kept[1]
-  pointwise = kept_taps == 1
-  input_grad = "taps" if pointwise or pixels <= _TAPS_MAX_MAP else "xla"
+  live = sum((r1 - r0) * (c1 - c0)
+             for ((r0, r1), _), ((c0, c1), _) in _live_boxes(x_shape, geometry))
+  skip_padding = live < _SKIP_PADDING_BELOW * pixels * kept_taps
+  pointwise, small = kept_taps == 1, pixels <= _TAPS_MAX_MAP
+  forward = "taps" if pointwise or (small and skip_padding) else "xla"
+  input_grad = "taps" if pointwise or small else "xla"
   if not pointwise and strides == (2, 2) and dilation == (1, 1) and (
       pixels >= _S2D_MIN_MAP
       or (pixels >= _S2D_MIN_MAP_EVEN_KERNEL and kept[0] % 2 == 0 and kept[1] % 2 == 0)):
     input_grad = "s2d"
-  kernel_grad = ("taps" if pointwise or cin >= _TAPS_GRAD_MIN_CHANNELS
-                 or pixels <= _TAPS_GRAD_MAX_MAP else "xla")
-  plan = _Plan(tuple(kept), tuple(offset), tuple(strides), tuple(dilation), tuple(pads), out,
-               input_grad=input_grad, kernel_grad=kernel_grad)
-  live = sum((r1 - r0) * (c1 - c0) for ((r0, r1), _), ((c0, c1), _) in _live_boxes(x_shape, plan))
-  skip_padding = live < _SKIP_PADDING_BELOW * pixels * kept_taps
-  # The forward by taps only where it skips much padding: otherwise XLA's convolution is as fast
-  # and fuses the following BatchNorm and ReLU, which matters in inference.
-  forward = "taps" if pointwise or (pixels <= _TAPS_MAX_MAP and skip_padding) else "xla"
-  return dataclasses.replace(plan, forward=forward, skip_padding=skip_padding)
+  cout = kernel_shape[3]
+  kernel_grad = ("taps" if pointwise or pixels <= _TAPS_GRAD_MAX_MAP
+                 or cin >= _TAPS_GRAD_MIN_CHANNELS
+                 or (cout >= _TAPS_GRAD_MIN_CHANNELS and strides == (1, 1)) else "xla")
+  return dataclasses.replace(geometry, forward=forward, input_grad=input_grad,
+                             kernel_grad=kernel_grad, skip_padding=skip_padding)
 
 
 def _pad(x, padding):
@@ -117,21 +124,33 @@ def _pad(x, padding):
 
 
 def _dense(x, w):
-  """x (..., Cin) @ w (Cin, Cout), accumulated in float32, in x's dtype.
+  """x (..., Cin) @ w (Cin, Cout), as one 2-D product.
 
-  As one 2-D product: XLA:CPU canonicalises the transposes of a product of
-  4-D operands (its autodiff, the kernel gradient) with physical transposes
-  that cost more than the product on small maps.
+  XLA:CPU canonicalises the transposes of a product of 4-D operands (as in
+  its autodiff, the kernel gradient) with physical transposes that cost more
+  than the product on small maps; 2-D operands need none.
   """
-  y = lax.dot(x.reshape(-1, x.shape[-1]), w, preferred_element_type=jnp.float32)
-  return y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[-1])
+  return lax.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _gram(a, b):
   """a^T b over all leading dimensions: (..., M), (..., N) -> (M, N), as one 2-D product."""
-  y = lax.dot_general(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
-                      (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return y.astype(a.dtype)
+  return lax.dot_general(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
+                         (((0,), (0,)), ((), ())))
+
+
+def _in_float32(fn, *arrays):
+  """fn on float32 copies of 16-bit float arrays, its results cast back to their dtype.
+
+  XLA:CPU computes bfloat16 products in float32 anyway (converting per
+  operation); converting once here keeps the tap slices, pads and sums in
+  float32 instead of converting around each of them.
+  """
+  dtype = arrays[0].dtype
+  if jnp.finfo(dtype).bits >= 32:
+    return fn(*arrays)
+  out = fn(*(a.astype(jnp.float32) for a in arrays))
+  return jax.tree.map(lambda y: y.astype(dtype), out)
 
 
 def _forward_xla(x, w, plan: _Plan):
@@ -190,7 +209,7 @@ def _forward_taps(x, w, plan: _Plan):
 
 
 def _forward_s2d(x, w, plan: _Plan):
-  """A stride-2 convolution as a stride-1 one on 2x2 space-to-depth blocks (kernel padded to even)."""
+  """A stride-2 convolution as a stride-1 one on 2x2 space-to-depth blocks (kernel padded even)."""
   (kh, kw), (ho, wo) = plan.kernel_size, plan.out_size
   eh, ew = kh + kh % 2, kw + kw % 2
   n, h, wd, c = x.shape
@@ -220,15 +239,14 @@ def _kernel_grad_taps(x, g, plan: _Plan):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x, w, plan: _Plan):
-  return _FORWARDS[plan.forward](x, w, plan)
+  return _in_float32(functools.partial(_FORWARDS[plan.forward], plan=plan), x, w)
 
 
 def _conv_fwd(x, w, plan: _Plan):
   return _conv(x, w, plan), (x, w)
 
 
-def _conv_bwd(plan: _Plan, residuals, g):
-  x, w = residuals
+def _conv_grads(g, x, w, plan: _Plan):
   _, input_vjp = jax.vjp(lambda x: _FORWARDS[plan.input_grad](x, w, plan), x)
   dx, = input_vjp(g)
   if plan.kernel_grad == "taps":
@@ -237,6 +255,10 @@ def _conv_bwd(plan: _Plan, residuals, g):
     _, kernel_vjp = jax.vjp(lambda w: _forward_xla(x, w, plan), w)
     dw, = kernel_vjp(g)
   return dx, dw
+
+
+def _conv_bwd(plan: _Plan, residuals, g):
+  return _in_float32(functools.partial(_conv_grads, plan=plan), g, *residuals)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -265,7 +287,8 @@ def _apply(x, w, plan: _Plan):
   if passes == ("xla",) * 3:
     return _forward_xla(x, w, plan)
   if passes == ("taps",) * 3 and (kh, kw) == (1, 1):
-    return _forward_taps(x, w, plan)  # One matrix product: autodiff is the taps gradient.
+    # One matrix product: its autodiff is the taps gradient.
+    return _in_float32(functools.partial(_forward_taps, plan=plan), x, w)
   return _conv(*_same_varying_axes(x, w), plan)
 
 
@@ -274,10 +297,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          precision=None, preferred_element_type=None):
   """`lax.conv_general_dilated`, faster on XLA:CPU for plain 2-D NHWC/HWIO convolutions.
 
-  Grouped, input-dilated, non-2-D or non-NHWC convolutions, string paddings,
-  explicit precisions and result types go to lax unchanged.
+  Grouped, input-dilated, non-2-D, non-NHWC or mixed-dtype convolutions,
+  string paddings, explicit precisions and result types go to lax unchanged.
   """
-  if (lhs.ndim != 4 or isinstance(padding, str) or feature_group_count != 1
+  if (lhs.ndim != 4 or lhs.dtype != rhs.dtype or isinstance(padding, str)
+      or feature_group_count != 1
       or batch_group_count != 1 or precision is not None or preferred_element_type is not None
       or any(d != 1 for d in (lhs_dilation or (1, 1)))
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -297,8 +321,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, window: int, stride: int, padding: tuple[tuple[int, int], tuple[int, int]]):
   """Max pooling of NHWC maps (padding with -inf) with a scatter-free gradient."""
-  return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, window, window, 1),
-                           (1, stride, stride, 1), ((0, 0), *padding, (0, 0)))
+  return _in_float32(lambda x: lax.reduce_window(
+      x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, window, window, 1), (1, stride, stride, 1),
+      ((0, 0), *padding, (0, 0))), x)
 
 
 def _max_pool_fwd(x, window, stride, padding):
@@ -307,6 +332,11 @@ def _max_pool_fwd(x, window, stride, padding):
 
 
 def _max_pool_bwd(window, stride, padding, residuals, g):
+  return (_in_float32(functools.partial(_max_pool_grad, window, stride, padding), g,
+                      *residuals),)
+
+
+def _max_pool_grad(window, stride, padding, g, x, y):
   """Routes each window's gradient to its first maximum (row-major), as lax and PyTorch do.
 
   Tap (i, j) of output (a, b) reads padded input (a*stride + i, b*stride + j):
@@ -314,7 +344,6 @@ def _max_pool_bwd(window, stride, padding, residuals, g):
   gradient shifted by (i // stride, j // stride) outputs. The phases are then
   interleaved into the padded map, with no scatter and no zero-interleaving.
   """
-  x, y = residuals
   n, h, w, c = x.shape
   ho, wo = y.shape[1:3]
   (top, bottom), (left, right) = padding
@@ -339,7 +368,7 @@ def _max_pool_bwd(window, stride, padding, residuals, g):
   grid = jnp.stack([jnp.stack([phases.get((p, q), empty) for q in range(stride)], 3)
                     for p in range(stride)], 2)  # (n, hq, p, wq, q, c)
   dxp = grid.reshape(n, hq * stride, wq * stride, c)
-  return (dxp[:, top:top + h, left:left + w],)
+  return dxp[:, top:top + h, left:left + w]
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
