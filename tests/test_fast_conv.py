@@ -69,12 +69,12 @@ GEOMETRIES = [  # (x_shape, k, stride, padding, dilation, cout)
     ((1, 4, 5, 4), 3, 2, 12, 12, 3),
 ]
 METHODS = [("xla", "xla", "xla"), ("taps", "taps", "taps"), ("xla", "xla", "taps"),
-           ("xla", "s2d", "xla")]
+           ("xla", "xla", "rows"), ("xla", "s2d", "xla")]
 
 
-# Space-to-depth is for stride-2 convolutions without dilation only.
+# Space-to-depth is for stride-2 convolutions without dilation only, rows for stride 1.
 CASES = [(g, m) for g in GEOMETRIES for m in METHODS
-         if m[1] != "s2d" or (g[2] == 2 and g[4] == 1)]
+         if (m[1] != "s2d" or (g[2] == 2 and g[4] == 1)) and (m[2] != "rows" or g[2] == 1)]
 
 
 @pytest.mark.parametrize("geometry, methods", CASES, ids=str)
@@ -94,6 +94,8 @@ def test_conv_bfloat16(geometry):
     ((2, 8, 16, 512), 7, 1, 3, 1, 4096, ("taps",) * 3),      # VGG's fc6
     ((2, 8, 16, 512), 3, 1, 1, 1, 512, ("xla", "taps", "taps")),
     ((2, 64, 128, 64), 3, 1, 1, 1, 64, ("xla", "xla", "xla")),
+    ((2, 256, 512, 64), 3, 1, 1, 1, 64, ("xla", "xla", "rows")),   # VGG's conv1_2
+    ((2, 256, 512, 3), 3, 1, 1, 1, 64, ("xla", "xla", "xla")),     # VGG's conv1_1
     ((2, 128, 256, 128), 3, 1, 1, 1, 128, ("xla", "xla", "taps")),
     ((2, 256, 512, 3), 7, 2, 3, 1, 64, ("xla", "s2d", "xla")),
     ((2, 256, 512, 19), 4, 2, 1, 1, 64, ("xla", "s2d", "xla")),
@@ -121,15 +123,25 @@ def test_unsupported_convolutions_go_to_lax():
 
 
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_layers_conv_keeps_nn_conv_variables(use_bias):
-  x = jnp.ones((1, 9, 9, 3))
-  fast = layers.conv(4, 3, 2, 1, use_bias=use_bias)
-  plain = nn.Conv(4, (3, 3), strides=2, padding=[(1, 1)] * 2, use_bias=use_bias,
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_layers_conv_matches_nn_conv(use_bias, dtype):
+  """Same variables (names, shapes, initial values) as nn.Conv; same outputs and gradients."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 3)), jnp.float32)
+  fast = layers.conv(4, 3, 2, 1, use_bias=use_bias, dtype=dtype)
+  plain = nn.Conv(4, (3, 3), strides=2, padding=[(1, 1)] * 2, use_bias=use_bias, dtype=dtype,
                   kernel_init=nn.initializers.kaiming_normal())
   variables = fast.init(jax.random.key(0), x)
-  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape,
-                                                           plain.init(jax.random.key(0), x))
-  np.testing.assert_allclose(fast.apply(variables, x), plain.apply(variables, x), atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, variables, plain.init(jax.random.key(0), x))
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # a nonzero bias
+  y, fast_vjp = jax.vjp(lambda v: fast.apply(v, x), variables)
+  y_plain, plain_vjp = jax.vjp(lambda v: plain.apply(v, x), variables)
+  assert y.dtype == y_plain.dtype == dtype
+  tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_plain, np.float32),
+                             atol=tol)
+  g = jnp.ones_like(y)
+  for a, b in zip(jax.tree.leaves(fast_vjp(g)), jax.tree.leaves(plain_vjp(g))):
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("shape,window,stride,padding,ceil_mode", [

@@ -90,21 +90,53 @@ def norm(kind: str, train: bool, axis_name: str | None, dtype, param_dtype, name
                    "expected 'batch' or 'frozen'.")
 
 
+class Conv(nn.Module):
+  """A 2-D convolution of NHWC maps with nn.Conv's variables, computed by `fast_ops`.
+
+  The variables are nn.Conv's, with the same names, shapes and initial values
+  ('kernel' (k, k, in / groups, out) and an optional 'bias'; the class name
+  keeps flax's automatic 'Conv_<i>' names), so checkpoints and the weight
+  converters are unchanged. `fast_ops.conv_general_dilated` computes lax's
+  convolution in the formulation XLA:CPU runs fastest for the static shapes.
+  The bias is added in float32 and rounded once, which is what XLA:CPU does
+  for a bfloat16 addition anyway, so that its gradient is a float32 sum:
+  XLA:CPU splits a bfloat16 sum over a large map into a slow windowed
+  reduction (about 70 ms per 2x256x512 map).
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int = 0
+  dilation: int = 1
+  groups: int = 1
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = nn.initializers.kaiming_normal()
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init,
+                        (k, k, x.shape[-1] // self.groups, self.features), self.param_dtype)
+    y = fast_ops.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.strides,) * 2,
+        [(self.padding, self.padding)] * 2, rhs_dilation=(self.dilation,) * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      y = (y.astype(jnp.float32) + bias.astype(self.dtype).astype(jnp.float32)).astype(self.dtype)
+    return y
+
+
 def conv(features: int, kernel_size: int, strides: int = 1, padding: int = 0,
          dilation: int = 1, use_bias: bool = False, groups: int = 1, dtype=jnp.float32,
-         param_dtype=jnp.float32, name=None, kernel_init=None) -> nn.Conv:
-  """A 2-D convolution with PyTorch's arguments (symmetric integer padding).
-
-  An `nn.Conv` (same variables: 'kernel' (k, k, in / groups, out), 'bias')
-  whose convolution is `fast_ops.conv_general_dilated`: lax's numbers, in the
-  formulation XLA:CPU runs fastest for these static shapes.
-  """
-  return nn.Conv(features, (kernel_size, kernel_size), strides=strides,
-                 padding=[(padding, padding)] * 2, kernel_dilation=dilation,
-                 feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-                 param_dtype=param_dtype, name=name,
-                 kernel_init=kernel_init or nn.initializers.kaiming_normal(),
-                 conv_general_dilated=fast_ops.conv_general_dilated)
+         param_dtype=jnp.float32, name=None, kernel_init=None) -> Conv:
+  """A 2-D convolution with PyTorch's arguments (symmetric integer padding); see `Conv`."""
+  return Conv(features, kernel_size, strides, padding, dilation, groups, use_bias, dtype,
+              param_dtype, kernel_init=kernel_init or nn.initializers.kaiming_normal(),
+              name=name)
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0,
