@@ -31,7 +31,8 @@ def seed_d(model: str, arg: str | None):
   config.checkpoint_every_steps = 1_550
   config.data.source = recipes.dataset("cityscapes", roots, "train", "target", (256, 512), 248)
   config.data.target = recipes.dataset("cityscapes", roots, "train", "target", (256, 512), 248)
-  config.data.eval = recipes.dataset("cityscapes", roots, "val", "target", (256, 512), 267)
+  config.data.eval = recipes.dataset("cityscapes", roots, "val", "target", (256, 512), 267,
+                                     full_res_labels=True)
   if "cityscapes" in roots:
     config.data.source.cities = ("hamburg",)
     config.data.eval.cities = ("frankfurt",)

@@ -58,5 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
       ohem_min_kept=1 / 16,
       aux_weights=()))  # One weight per auxiliary head of the segmenter.
 
+  # Evaluation: test-time augmentation and sliding-window inference (segjax.inference).
+  config.inference = ml_collections.ConfigDict(dict(
+      scales=(1.0,), flip=False,
+      window=(), stride=()))  # (height, width) sliding windows, () for whole images.
+
   config.adapt = ml_collections.ConfigDict(dict(method="source_only", lambda_adv=0.0))
   return config

@@ -26,9 +26,13 @@ def get_config(arg: str | None = None):
   config.log_every_steps = 100
   config.eval_every_steps = 4_000
   config.checkpoint_every_steps = 2_000
-  config.data.source = recipes.dataset("voc", roots, "train", "target", (500, 500), 1_464)
-  config.data.target = recipes.dataset("voc", roots, "train", "target", (500, 500), 1_464)
-  config.data.eval = recipes.dataset("voc", roots, "val", "target", (500, 500), 1_449)
+  # VOC images (at most 500x500) are read at their native size; evaluation pads them.
+  config.data.source = recipes.dataset("voc", roots, "train", "target", (500, 500), 1_464,
+                                       resize=())
+  config.data.target = recipes.dataset("voc", roots, "train", "target", (500, 500), 1_464,
+                                       resize=())
+  config.data.eval = recipes.dataset("voc", roots, "val", "target", (500, 500), 1_449,
+                                     resize=(), pad_to=(500, 500))
   config.data.crop_size = (500, 500)
   config.data.augment.scale_range = (1.0, 1.0)
   config.data.augment.brightness = config.data.augment.contrast = 0.0

@@ -27,14 +27,41 @@ def parse_roots(arg: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
 
 
 def dataset(name: str, roots: dict[str, str], split: str, domain: str, size: tuple[int, int],
-            num_examples: int) -> ml_collections.ConfigDict:
-  """The real dataset `name` at its root if one was given, else built-in scenes of `domain`."""
+            num_examples: int, *, full_res_labels: bool = False,
+            **fields) -> ml_collections.ConfigDict:
+  """The real dataset `name` at its root if one was given, else built-in scenes of `domain`.
+
+  A real dataset is read at the working resolution `size` (images and, unless
+  `full_res_labels`, labels; evaluation keeps labels at full resolution and
+  upsamples the predictions to them). `fields` sets dataset-specific options
+  (cities, city, year, list_file, ...).
+  """
   if name in roots:
-    return ml_collections.ConfigDict(dict(name=name, root=roots[name], split=split))
+    fields.setdefault("resize", size)
+    return real_dataset(name, roots[name], split, resize_labels=not full_res_labels, **fields)
   height, width = size
   return ml_collections.ConfigDict(dict(
       name="street_scenes", domain=domain, split=split, num_examples=num_examples,
       height=height, width=width, seed=0))
+
+
+def real_dataset(name: str, root: str, split: str, **fields) -> ml_collections.ConfigDict:
+  """A complete sub-config for a dataset in its native layout (see segjax.data)."""
+  config = ml_collections.ConfigDict(dict(
+      name=name, root=root, split=split, list_file="", resize=(), resize_labels=True,
+      pad_to=(),  # Evaluation of variable-size images: pad image and label to (H, W).
+      on_error="fail",  # Or "skip": replace an unreadable example by the next and count it.
+      # GTA5 has frames whose label and image sizes differ: its labels are resized (nearest).
+      on_size_mismatch="resize" if name == "gta5" else "fail",
+      cache_dir="", cache_format="jpeg"))
+  config.update({"cityscapes": dict(cities=()), "voc": dict(year="2012"),
+                 "crosscity": dict(city="Rome"),
+                 "tfds": dict(tfds_name="cityscapes/semantic_segmentation", data_dir="",
+                              image_key="image_left", label_key="segmentation_label",
+                              label_space="cityscapes")}.get(name, {}))
+  for key, value in fields.items():
+    config[key] = value
+  return config
 
 
 def base(model: str) -> ml_collections.ConfigDict:

@@ -26,8 +26,13 @@ def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int,
   return counts.reshape(num_classes, num_classes).astype(jnp.int32)
 
 
-def scores(confusion: np.ndarray) -> dict[str, float | np.ndarray]:
-  """mIoU, per-class IoU, pixel accuracy and mean class accuracy."""
+def scores(confusion: np.ndarray,
+           subsets: tuple[tuple[str, tuple[int, ...]], ...] = ()) -> dict[str, float | np.ndarray]:
+  """mIoU, per-class IoU, pixel accuracy and mean class accuracy.
+
+  `subsets` adds the mean IoU over some classes under a name, from the same
+  matrix (SYNTHIA's mIoU16 and mIoU13, the cross-city 13 classes).
+  """
   confusion = np.asarray(confusion, dtype=np.float64)
   tp = np.diag(confusion)
   label_totals = confusion.sum(axis=1)
@@ -36,12 +41,15 @@ def scores(confusion: np.ndarray) -> dict[str, float | np.ndarray]:
     iou = tp / (label_totals + pred_totals - tp)
     class_acc = tp / label_totals
     pixel_acc = tp.sum() / confusion.sum()
-  return {
+  result = {
       "miou": _nanmean(iou),
       "iou": iou,
       "pixel_acc": float(pixel_acc),
       "mean_acc": _nanmean(class_acc),
   }
+  for name, classes in subsets:
+    result[name] = _nanmean(iou[list(classes)])
+  return result
 
 
 def _nanmean(x: np.ndarray) -> float:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from segjax import inference as inference_lib
 from segjax import losses, metrics
 
 SOURCE_DOMAIN = 0.0
@@ -144,12 +145,25 @@ def train_step(seg_state: TrainState, disc_state: TrainState | None, batch: dict
 
 
 def eval_step(seg_state: TrainState, batch: dict, confusion: jax.Array, *, num_classes: int,
-              mean, std, axis_name: str = "data") -> tuple[jax.Array, jax.Array]:
-  """Adds the batch's confusion matrix (summed over devices) to `confusion`; returns predictions."""
-  logits = eval_logits(seg_state, batch["image"], mean, std)
-  preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+              mean, std, axis_name: str = "data",
+              inference: inference_lib.Inference = inference_lib.Inference()
+              ) -> tuple[jax.Array, jax.Array]:
+  """Adds the batch's confusion matrix (summed over devices) to `confusion`; returns predictions.
+
+  Predictions are made at the labels' resolution, which may be larger than
+  the images' (evaluation at full resolution): the scores are upsampled to it.
+  """
+  scores = inference_lib.predict(lambda x: _eval_outputs(seg_state, x)["logits"],
+                                 preprocess(batch["image"], mean, std),
+                                 batch["label"].shape[1:3], inference)
+  preds = jnp.argmax(scores, axis=-1).astype(jnp.int32)
   batch_confusion = metrics.confusion_matrix(batch["label"], preds, num_classes)
   return confusion + jax.lax.psum(batch_confusion, axis_name), preds
+
+
+def _eval_outputs(seg_state: TrainState, x: jax.Array) -> dict:
+  outputs, _ = _segment(seg_state, seg_state.params, seg_state.batch_stats, x, None, False)
+  return outputs
 
 
 def eval_logits(seg_state: TrainState, images: jax.Array, mean, std) -> jax.Array:

@@ -18,8 +18,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.sharding import PartitionSpec as P
 
-from segjax import (checkpointing, data, losses, metrics, models, optim, parallel, reporting,
-                    steps)
+from segjax import (checkpointing, data, inference, losses, metrics, models, optim, parallel,
+                    reporting, steps)
 from segjax.data import pipeline
 from segjax.models import weights
 
@@ -46,6 +46,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   models.build_segmenter(config.model, 1)
   losses.from_config(config.loss)
   optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
+  inference.Inference.from_config(config.get("inference"))
   if config.model.backbone_weights and not os.path.isfile(config.model.backbone_weights):
     raise FileNotFoundError(f"config.model.backbone_weights={config.model.backbone_weights!r} "
                             "is not a file.")
@@ -144,10 +145,20 @@ def evaluate(eval_fn, seg_state, eval_ds, mesh, num_classes: int,
   return total, samples
 
 
-def _eval_summary(confusion: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float]:
-  result = metrics.scores(confusion)
+def eval_subsets(config: ml_collections.ConfigDict) -> tuple[tuple[str, tuple[int, ...]], ...]:
+  """The extra mIoU subsets of the source and evaluation datasets (SYNTHIA's 16/13 classes...)."""
+  subsets = dict(data.dataset_info(config.data.source, "data.source").eval_subsets)
+  subsets.update(data.dataset_info(config.data.eval, "data.eval").eval_subsets)
+  return tuple(subsets.items())
+
+
+def eval_summary(confusion: np.ndarray, class_names: tuple[str, ...],
+                 subsets: tuple = ()) -> dict[str, float]:
+  """The scalars written for an evaluation: mIoU, accuracies, subsets, per-class IoU."""
+  result = metrics.scores(confusion, subsets)
   summary = {"eval/miou": result["miou"], "eval/pixel_acc": result["pixel_acc"],
              "eval/mean_acc": result["mean_acc"]}
+  summary.update({f"eval/{name}": result[name] for name, _ in subsets})
   summary.update({f"eval/iou/{name}": float(iou) for name, iou in zip(class_names, result["iou"])})
   return summary
 
@@ -160,6 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   info = data.dataset_info(config.data.source, "data.source")
   adapt = METHODS[config.adapt.method]
+  subsets = eval_subsets(config)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=config.keep_checkpoints)
   start_step = ckpt.latest_step() or 0
@@ -199,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       mesh, in_specs=(P(), P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(), P()),
       donate_argnums=(0, 1))
   eval_step = parallel.data_parallel(
-      functools.partial(steps.eval_step, num_classes=info.num_classes, mean=mean, std=std),
+      functools.partial(steps.eval_step, num_classes=info.num_classes, mean=mean, std=std,
+                        inference=inference.Inference.from_config(config.get("inference"))),
       mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(parallel.DATA_AXIS)))
   step_rng = parallel.make_replicated(lambda: step_rng, mesh)
   confusion_spec = jax.ShapeDtypeStruct((info.num_classes,) * 2, jnp.int32,
@@ -215,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def run_eval(state, step: int, write: bool = True) -> dict[str, float]:
     confusion, samples = evaluate(eval_step, state, eval_ds, mesh, info.num_classes,
                                   config.num_eval_samples)
-    summary = _eval_summary(confusion, info.class_names)
+    summary = eval_summary(confusion, info.class_names, subsets)
     logging.info("Step %d: target mIoU %.4f on %d images.", step, summary["eval/miou"], num_eval)
     if not write:
       return summary

@@ -89,18 +89,42 @@ def train_dataset(config: ml_collections.ConfigDict, *, with_target: bool, proce
                               process_count=process_count), config.data.num_workers)
 
 
+def pad_record(record: dict, size: tuple[int, int], where: str) -> dict:
+  """Pads image (zeros) and label (ignore) at the bottom and right to `size`."""
+  height, width = size
+  image, label = record["image"], record["label"]
+  if image.shape[0] > height or image.shape[1] > width:
+    raise ValueError(f"An image of {image.shape[1]}x{image.shape[0]} is larger than {where}."
+                     f"pad_to={tuple(size)} (height, width); raise it.")
+  out = {"image": np.pad(image, ((0, height - image.shape[0]), (0, width - image.shape[1]),
+                                 (0, 0)))}
+  out["label"] = np.pad(label, ((0, height - label.shape[0]), (0, width - label.shape[1])),
+                        constant_values=IGNORE_LABEL)
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
-class _PadToLength(grain.transforms.Map):
-  """Index -> record; indices past the end give an all-ignore record of the same shape."""
+class _EvalRecord(grain.transforms.Map):
+  """Index -> record; indices past the end give an all-ignore record of the same shape.
+
+  With `pad_to`, images and labels of varying sizes are padded to one shape
+  (the padding is ignored by the metrics).
+  """
   source: object
   length: int
+  pad_to: tuple[int, ...] = ()
 
   def map(self, index: int) -> dict:
-    if index < self.length:
-      return dict(self.source[index])
-    first = self.source[0]
-    return {"image": np.zeros_like(first["image"]),
-            "label": np.full_like(first["label"], IGNORE_LABEL)}
+    record = dict(self.source[min(index, self.length - 1)])
+    if "label" not in record:
+      raise ValueError("The evaluation split has no labels (e.g. a test split); evaluate on a "
+                       "labelled split or use segjax.predict.")
+    if self.pad_to:
+      record = pad_record(record, self.pad_to, "data.eval")
+    if index >= self.length:
+      record = {"image": np.zeros_like(record["image"]),
+                "label": np.full_like(record["label"], IGNORE_LABEL)}
+    return record
 
 
 def eval_dataset(config: ml_collections.ConfigDict, *, process_index: int,
@@ -117,5 +141,6 @@ def eval_dataset(config: ml_collections.ConfigDict, *, process_index: int,
                      "is empty.")
   global_batch = config.eval_batch_size
   padded = -(-length // global_batch) * global_batch
-  ds = grain.MapDataset.range(padded).map(_PadToLength(source, length))
+  pad_to = tuple(config.data.eval.get("pad_to", ()))
+  ds = grain.MapDataset.range(padded).map(_EvalRecord(source, length, pad_to))
   return _process_slice(ds, global_batch, process_index, process_count), length
