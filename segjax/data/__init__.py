@@ -14,7 +14,9 @@ dataset and its options:
         (`python -m segjax.tools.cache_data`)
 plus the dataset's own fields (cityscapes: cities; crosscity: city; voc:
 year; tfds: tfds_name, data_dir, image_key, label_key, label_space). See
-`configs/recipes.py:dataset` for the defaults.
+`configs/recipes.py:dataset` for the defaults. `python -m
+segjax.tools.check_data` reads every file a config points at and reports the
+problems; `python -m segjax.tools.data_stats` plots its class distribution.
 """
 
 import dataclasses
@@ -60,7 +62,7 @@ def _street_scenes(config: ml_collections.ConfigDict) -> synthetic.StreetScenes:
 
 
 def _files_source(lister: Callable[[ml_collections.ConfigDict], tuple]) -> Callable:
-  """A builder: the reader's pairs as a FileSource (or its cache) with the sub-config's policy."""
+  """A builder: the reader's pairs as a FileSource with the sub-config's policy."""
   def build(config: ml_collections.ConfigDict) -> FileSource:
     if not config.get("root"):
       raise DataError(f"{config.name}: no root given (config field root); expected the folder "
@@ -68,19 +70,22 @@ def _files_source(lister: Callable[[ml_collections.ConfigDict], tuple]) -> Calla
     if not os.path.isdir(config.root):
       raise DataError(f"{config.name}: the root {config.root} is not a directory.")
     pairs, label_format = lister(config)
-    source = FileSource(config.name, pairs, label_format, resize=tuple(config.get("resize", ())),
-                        resize_labels=config.get("resize_labels", True),
-                        on_error=config.get("on_error", "fail"),
-                        on_size_mismatch=config.get("on_size_mismatch", "fail"))
-    if config.get("cache_dir"):
-      directory = cache_directory(config, source)
-      cached = files.open_cache(source, directory)
-      if cached is not None:
-        return cached
-      logging.warning("%s: no complete cache in %s; reading the original files. Build it with "
-                      "python -m segjax.tools.cache_data.", config.name, directory)
-    return source
+    return FileSource(config.name, pairs, label_format, resize=tuple(config.get("resize", ())),
+                      resize_labels=config.get("resize_labels", True),
+                      on_error=config.get("on_error", "fail"),
+                      on_size_mismatch=config.get("on_size_mismatch", "fail"))
   return build
+
+
+def _cached(config: ml_collections.ConfigDict, source: FileSource) -> FileSource:
+  """The cache of `source` under `config.cache_dir` if it is complete, else `source` itself."""
+  directory = cache_directory(config, source)
+  cached = files.open_cache(source, directory)
+  if cached is not None:
+    return cached
+  logging.warning("%s: no complete cache in %s; reading the original files. Build it with "
+                  "python -m segjax.tools.cache_data.", config.name, directory)
+  return source
 
 
 def cache_directory(config: ml_collections.ConfigDict, source: FileSource) -> str:
@@ -131,8 +136,9 @@ class TfdsSource:
     label = label[..., 0] if label.ndim == 3 else label
     bad = ~self._valid[np.clip(label, 0, 255)] | (label > 255)
     if bad.any():
-      raise DataError(f"tfds: {self._config.tfds_name} example {index} has label values "
-                      f"{np.unique(label[bad])[:10].tolist()} outside the label space.")
+      raise files.BadLabelValues(f"tfds: {self._config.tfds_name} example {index} has label "
+                                 f"values {np.unique(label[bad])[:10].tolist()} outside the "
+                                 "label space.")
     label = self._table[label.astype(np.uint8)]
     if self._resize:
       from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -173,13 +179,22 @@ def _entry(config: ml_collections.ConfigDict, field: str):
   return DATASETS[config.name]
 
 
-def build_source(config: ml_collections.ConfigDict, field: str):
-  """The random-access source described by the sub-config `field` (e.g. 'data.source')."""
+def build_source(config: ml_collections.ConfigDict, field: str, use_cache: bool = True):
+  """The random-access source described by the sub-config `field` (e.g. 'data.source').
+
+  A file dataset with a `cache_dir` is read from its cache when the cache is
+  complete, unless `use_cache=False` (the original files: what
+  `segjax.tools.check_data` checks and `segjax.tools.cache_data` caches).
+  A `DataError` keeps its kind and is prefixed with `field`.
+  """
   builder, _ = _entry(config, field)
   try:
-    return builder(config)
+    source = builder(config)
+    if use_cache and config.get("cache_dir") and isinstance(source, FileSource):
+      source = _cached(config, source)
+    return source
   except DataError as e:
-    raise DataError(f"{field}: {e}") from e
+    raise type(e)(f"{field}: {e}") from e
 
 
 def dataset_info(config: ml_collections.ConfigDict, field: str) -> DatasetInfo:

@@ -11,11 +11,15 @@ Bad input. Start-up problems (no root, an empty split, images without labels)
 are `DataError`s raised by the readers. A file that fails while training (an
 unreadable or truncated image, a label with ids outside the mapping, a
 label/image size mismatch) raises a `DataError` naming the file and the
-problem, or, with `on_error='skip'`, is replaced by the next readable record
-and counted (`FileSource.skipped`, and a warning naming the file). A label whose
-size differs from its image follows `on_size_mismatch`: 'fail' (an error, or a
+problem (a subclass per kind: `MissingFile`, `UnreadableFile`,
+`BadLabelFormat`, `BadLabelValues`, `SizeMismatch`), or, with
+`on_error='skip'`, is replaced by the next readable record and counted
+(`FileSource.skipped`, and a warning naming the file). A label whose size
+differs from its image follows `on_size_mismatch`: 'fail' (an error, or a
 skip under on_error='skip'), 'skip', or 'resize' (the label is resized to the
 image, nearest neighbour: the GTA5 fixer's policy). A label is never guessed.
+`python -m segjax.tools.check_data` reads every file of a config's datasets
+and reports these problems by kind before a run meets them.
 
 The cache (`build_cache`, run by `python -m segjax.tools.cache_data`) writes
 each record after decoding and resizing, so a run that finds it reads small
@@ -25,6 +29,8 @@ train-id PNGs. A cache is keyed by everything that changes its content
 its manifest, written last, exists.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -42,6 +48,32 @@ _CACHE_VERSION = 1
 
 class DataError(ValueError):
   """A dataset tree or file that cannot be used; the message names it and says what was expected."""
+
+
+class MissingFile(DataError):
+  """A listed image or label file does not exist."""
+
+
+class UnreadableFile(DataError):
+  """An image or label file exists but cannot be decoded (corrupt, truncated, not an image)."""
+
+
+class BadLabelFormat(DataError):
+  """A label file of the wrong kind for its dataset (a colour image, the wrong bit depth)."""
+
+
+class BadLabelValues(DataError):
+  """A label holds ids (or colours) outside its dataset's mapping."""
+
+
+class SizeMismatch(DataError):
+  """A label whose size differs from its image's."""
+
+
+def _read_error(what: str, path: str, error: Exception) -> DataError:
+  if isinstance(error, FileNotFoundError):
+    return MissingFile(f"Cannot read the {what} {path}: it does not exist.")
+  return UnreadableFile(f"Cannot read the {what} {path}: {error}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +98,7 @@ def read_image(path: str) -> np.ndarray:
       image.load()
       return np.asarray(image.convert("RGB"))
   except (OSError, SyntaxError, ValueError) as e:
-    raise DataError(f"Cannot read the image {path}: {e}") from e
+    raise _read_error("image", path, e) from e
 
 
 def read_label(path: str, fmt: LabelFormat) -> np.ndarray:
@@ -80,30 +112,33 @@ def read_label(path: str, fmt: LabelFormat) -> np.ndarray:
         mode = image.mode
         array = np.asarray(image)
     except (OSError, SyntaxError, ValueError) as e:
-      raise DataError(f"Cannot read the label {path}: {e}") from e
+      raise _read_error("label", path, e) from e
     if fmt.kind == "colors":
       return _colors_to_train_ids(path, array, mode, fmt)
     if mode not in ("L", "P"):
-      raise DataError(f"The label {path} is a {mode} image; expected a single-channel PNG of "
-                      f"{fmt.description} (mode L or P). Is it a colour visualisation?")
+      raise BadLabelFormat(f"The label {path} is a {mode} image; expected a single-channel "
+                           f"PNG of {fmt.description} (mode L or P). Is it a colour "
+                           "visualisation?")
     ids = array
   bad = ~fmt.valid[ids] if ids.max(initial=0) < 256 else np.ones(1, bool)
   if bad.any():
     values = np.unique(ids[bad] if bad.shape == ids.shape else ids[ids >= 256])
-    raise DataError(f"The label {path} holds ids {values[:10].tolist()} outside the mapping; "
-                    f"expected {fmt.description}.")
+    raise BadLabelValues(f"The label {path} holds ids {values[:10].tolist()} outside the "
+                         f"mapping; expected {fmt.description}.")
   return fmt.table[ids]
 
 
 def _read_class_channel_16bit(path: str) -> np.ndarray:
   """The class channel (the first, R) of a 16-bit PNG. Pillow would truncate it to 8 bits."""
   import cv2  # pylint: disable=import-outside-toplevel
-  array = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
+  if not os.path.isfile(path):
+    raise MissingFile(f"Cannot read the label {path}: it does not exist.")
+  array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
   if array is None:
-    raise DataError(f"Cannot read the label {path}: missing, or not an image OpenCV can decode.")
+    raise UnreadableFile(f"Cannot read the label {path}: not an image OpenCV can decode.")
   if array.dtype != np.uint16:
-    raise DataError(f"The label {path} is {array.dtype}; expected a 16-bit PNG whose first "
-                    "channel is the SYNTHIA class id.")
+    raise BadLabelFormat(f"The label {path} is {array.dtype}; expected a 16-bit PNG whose "
+                         "first channel is the SYNTHIA class id.")
   if array.ndim == 2:
     return array
   # OpenCV orders channels BGR(A): the first PNG channel is index 2 (0 for gray + alpha).
@@ -112,8 +147,8 @@ def _read_class_channel_16bit(path: str) -> np.ndarray:
 
 def _colors_to_train_ids(path: str, array: np.ndarray, mode: str, fmt: LabelFormat) -> np.ndarray:
   if mode != "RGB":
-    raise DataError(f"The label {path} is a {mode} image; expected an RGB PNG of "
-                    f"{fmt.description}.")
+    raise BadLabelFormat(f"The label {path} is a {mode} image; expected an RGB PNG of "
+                         f"{fmt.description}.")
   packed = (array[..., 0].astype(np.int32) << 16) | (array[..., 1].astype(np.int32) << 8) \
       | array[..., 2]
   out = np.full(packed.shape, 254, np.uint8)  # 254: not a known colour (never a class here).
@@ -122,8 +157,8 @@ def _colors_to_train_ids(path: str, array: np.ndarray, mode: str, fmt: LabelForm
   unknown = out == 254
   if unknown.any():
     colors = np.unique(array[unknown].reshape(-1, 3), axis=0)[:5].tolist()
-    raise DataError(f"The label {path} has colours {colors} outside the mapping; expected "
-                    f"{fmt.description}.")
+    raise BadLabelValues(f"The label {path} has colours {colors} outside the mapping; "
+                         f"expected {fmt.description}.")
   return out
 
 
@@ -132,7 +167,7 @@ def _resize(array: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
   return np.asarray(Image.fromarray(array).resize((width, height), resample=resample))
 
 
-class _SizeMismatchSkip(DataError):
+class _SizeMismatchSkip(SizeMismatch):
   """A label/image size mismatch under on_size_mismatch='skip': skipped whatever on_error says."""
 
 
@@ -207,8 +242,9 @@ class FileSource:
                             *image.shape[1::-1])
           label = _resize(label, image.shape[:2], Image.NEAREST)
         else:
-          error = DataError(f"The label {label_path} is {label.shape[1]}x{label.shape[0]} but "
-                            f"its image {image_path} is {image.shape[1]}x{image.shape[0]}.")
+          error = SizeMismatch(f"The label {label_path} is {label.shape[1]}x{label.shape[0]} "
+                               f"but its image {image_path} is "
+                               f"{image.shape[1]}x{image.shape[0]}.")
           if self.on_size_mismatch == "skip" and self.on_error != "skip":
             raise _SizeMismatchSkip(str(error))
           raise error
@@ -226,16 +262,36 @@ class FileSource:
     return image_path if label_path is None else f"{image_path} + {label_path}"
 
 
+_MISSING_FILES_FAIL_ON_LOAD = contextvars.ContextVar("missing_files_fail_on_load", default=False)
+
+
+@contextlib.contextmanager
+def missing_files_fail_on_load():
+  """Within it, `check_pairs` lets listed files that do not exist through.
+
+  Each such example then fails on load with a `MissingFile`, so that
+  `segjax.tools.check_data` reports the missing files together with the other
+  problems of the split instead of stopping at start-up.
+  """
+  token = _MISSING_FILES_FAIL_ON_LOAD.set(True)
+  try:
+    yield
+  finally:
+    _MISSING_FILES_FAIL_ON_LOAD.reset(token)
+
+
 def check_pairs(name: str, pairs: Sequence[tuple[str, str | None]], where: str) -> None:
   """Start-up checks: a non-empty split whose files all exist. DataError listing what is missing."""
   if not pairs:
     raise DataError(f"{name}: no examples found in {where}.")
+  if _MISSING_FILES_FAIL_ON_LOAD.get():
+    return
   missing = [path for pair in pairs for path in pair if path is not None
              and not os.path.isfile(path)]
   if missing:
     shown = "\n  ".join(missing[:10])
-    raise DataError(f"{name}: {len(missing)} file(s) listed for {where} do not exist, e.g.\n  "
-                    f"{shown}")
+    raise MissingFile(f"{name}: {len(missing)} file(s) listed for {where} do not exist, "
+                      f"e.g.\n  {shown}")
 
 
 # ---- Cache of decoded, resized records.

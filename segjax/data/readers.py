@@ -218,7 +218,7 @@ def crosscity(root: str, split: str, city: str) -> tuple[list, LabelFormat | Non
   if folder is None:
     raise DataError(f"{name}: split {split!r}; expected 'train' (unlabelled) or 'test'.")
   image_dir = os.path.join(root, city, "Images", folder)
-  _require_dir(image_dir, name, f"<City>/Images/{{Train,Test}} under the NTHU root")
+  _require_dir(image_dir, name, "<City>/Images/{Train,Test} under the NTHU root")
   files = _files(image_dir, [".png", ".jpg"])
   if folder == "Train":
     pairs = [(os.path.join(image_dir, f), None) for f in files]

@@ -1,0 +1,65 @@
+"""What the dataset tools (check_data, data_stats, cache_data) share: config fields, flag parsing.
+
+The tools define their flags when run as programs (`python -m
+segjax.tools.NAME`), not on import: each has a `--config` flag, like
+`segjax.main` and `segjax.tools.summary`, and absl refuses a flag defined
+twice, so only then can tests import them all into one process. Their logic
+is in plain functions that take a config and return an exit status.
+"""
+
+import sys
+
+import ml_collections
+from absl import app, flags
+
+DATASET_FIELDS = ("data.source", "data.target", "data.eval")
+USAGE_EXIT_CODE = 2  # A bad command line; 1 is a problem with the data.
+
+
+def dataset_config(config: ml_collections.ConfigDict, field: str) -> ml_collections.ConfigDict:
+  """The dataset sub-config at `field` (e.g. 'data.source'); ValueError naming it if none."""
+  node = config
+  for part in field.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ValueError(f"{field!r} is not a field of the config; expected dataset fields such "
+                       f"as {', '.join(DATASET_FIELDS)}.")
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or "name" not in node:
+    raise ValueError(f"{field!r} is not a dataset sub-config (it has no name field); expected "
+                     f"dataset fields such as {', '.join(DATASET_FIELDS)}.")
+  return node
+
+
+def dataset_configs(config: ml_collections.ConfigDict, fields: list[str],
+                    flag: str) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """(field, sub-config) for each of `fields`; app.UsageError (exit 2) naming `flag` if bad."""
+  try:
+    config.get("data")  # A config file that failed to load raises its error on any access.
+  except OSError as e:
+    raise app.UsageError(f"--config: {e}", exitcode=USAGE_EXIT_CODE) from e
+  if not fields:
+    raise app.UsageError(f"{flag} is empty; expected dataset fields such as "
+                         f"{','.join(DATASET_FIELDS)}.", exitcode=USAGE_EXIT_CODE)
+  try:
+    return [(field, dataset_config(config, field)) for field in fields]
+  except ValueError as e:
+    raise app.UsageError(f"{flag}: {e}", exitcode=USAGE_EXIT_CODE) from e
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """One line for reports: the dataset, its split and where it is read from."""
+  if config.name == "street_scenes":
+    return (f"street_scenes (built in: {config.domain} domain, {config.split} split, "
+            f"{config.num_examples} examples)")
+  where = config.get("list_file") or config.get("root") or config.get("tfds_name", "")
+  return f"{config.name} (split {config.get('split', '?')}) at {where}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for `app.run`, exiting with status 2 (a bad command line), not 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(USAGE_EXIT_CODE)
