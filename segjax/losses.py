@@ -53,6 +53,54 @@ def binary_cross_entropy(logits: jax.Array, target: float) -> tuple[jax.Array, j
   return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
 
 
+def least_squares(outputs: jax.Array, target: float) -> tuple[jax.Array, jax.Array]:
+  """LS-GAN: squared error of every raw discriminator output against `target` (AdaptSegNet's MSE)."""
+  errors = (outputs.astype(jnp.float32) - target) ** 2
+  return jnp.sum(errors), jnp.asarray(errors.size, jnp.float32)
+
+
+GAN_LOSSES = {"vanilla": binary_cross_entropy, "ls": least_squares}
+
+
+def gan_loss(kind: str) -> Callable[[jax.Array, float], tuple[jax.Array, jax.Array]]:
+  """The adversarial loss `kind`: 'vanilla' (BCE with logits) or 'ls' (least squares)."""
+  if kind not in GAN_LOSSES:
+    raise ValueError(f"Unknown GAN loss {kind!r} (config field adapt.gan); expected one of "
+                     f"{sorted(GAN_LOSSES)}.")
+  return GAN_LOSSES[kind]
+
+
+def self_information(probs: jax.Array) -> jax.Array:
+  """ADVENT's weighted self-information map -p log2(p) / log2(C), per class channel (last axis)."""
+  num_classes = probs.shape[-1]
+  probs = probs.astype(jnp.float32)
+  return -probs * jnp.log2(probs + 1e-30) / jnp.log2(num_classes)
+
+
+def entropy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """MinEnt: the normalised entropy sum_c I_c of every pixel, as (sum, pixel count).
+
+  Its global mean is ADVENT's -sum(p log2 p) / (n h w log2 C).
+  """
+  info = self_information(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+  per_pixel = jnp.sum(info, axis=-1)
+  return jnp.sum(per_pixel), jnp.asarray(per_pixel.size, jnp.float32)
+
+
+def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array, *,
+                           ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
+  """CE with a weight per pixel (DACS's pseudo-label confidence), as (weighted sum, pixel count).
+
+  The count is the number of pixels, valid or not, as in mmseg's mean over the
+  image: a confidence weight of q on every pixel scales the loss by q.
+  """
+  valid = labels != ignore_label
+  safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe_labels)
+  return (jnp.sum(losses * weights * valid),
+          jnp.asarray(losses.size, jnp.float32))
+
+
 def focal_loss(logits: jax.Array, labels: jax.Array, *, gamma: float = 2.0,
                alpha: float | jax.Array | None = None,
                ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:

@@ -7,12 +7,10 @@ of several (a SLURM job, or launch/local.py), it joins the job before JAX is
 touched.
 """
 
-import logging as std_logging
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segjax import parallel, train
+from segjax import parallel, reporting, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard files.")
@@ -24,18 +22,10 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries:
-  """Drops the INFO chatter of Orbax and Grain (warnings and errors still show)."""
-
-  def filter(self, record) -> bool:
-    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
-    return record.levelno >= std_logging.WARNING or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  reporting.quiet_libraries()
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   parallel.log_topology()

@@ -8,12 +8,15 @@ the file ends up exactly as an uninterrupted run would have written it.
 """
 
 import json
+import logging as std_logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from absl import logging
 from clu import metric_writers
+from PIL import Image
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -93,6 +96,25 @@ def create_writer(workdir: str, *, is_primary: bool) -> metric_writers.MetricWri
   ])
 
 
+class _QuietLibraries:
+  """Drops the INFO chatter of Orbax and Grain (warnings and errors still show).
+
+  Also Orbax's warning for each checkpoint saved without metrics: only the
+  checkpoints of evaluation steps have them, by design.
+  """
+
+  def filter(self, record) -> bool:
+    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
+    if noisy and record.getMessage().startswith("Requested `tracked_metric`"):
+      return False
+    return record.levelno >= std_logging.WARNING or not noisy
+
+
+def quiet_libraries() -> None:
+  """Filters the INFO logs of Orbax and Grain out of the absl log (entry points call it)."""
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+
+
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
   """Label map (..., H, W) to RGB using `palette`; ignored/unknown labels are black."""
   table = np.zeros((256, 3), np.uint8)
@@ -100,7 +122,22 @@ def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
   return table[np.asarray(labels, np.uint8)]
 
 
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
+            alpha: float = 0.5) -> np.ndarray:
+  """`image` (H, W, 3) uint8 blended with the colours of `labels` (H, W), `alpha` of colour."""
+  colors = colorize(labels, palette).astype(np.float32)
+  return np.round((1 - alpha) * image.astype(np.float32) + alpha * colors).astype(np.uint8)
+
+
 def sample_grid(images: np.ndarray, preds: np.ndarray, labels: np.ndarray,
                 palette: np.ndarray) -> np.ndarray:
-  """(N, H, 3W, 3) uint8 rows of image | prediction | ground truth."""
+  """(N, H, 3W, 3) uint8 rows of image | prediction | ground truth, at the labels' size.
+
+  Images read at a working resolution below their full-resolution labels
+  (evaluation at full resolution) are resized to the labels' size for display.
+  """
+  size = labels.shape[1:3]
+  if images.shape[1:3] != size:
+    images = np.stack([np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+                       for image in images])
   return np.concatenate([images, colorize(preds, palette), colorize(labels, palette)], axis=2)

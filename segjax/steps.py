@@ -153,12 +153,23 @@ def eval_step(seg_state: TrainState, batch: dict, confusion: jax.Array, *, num_c
   Predictions are made at the labels' resolution, which may be larger than
   the images' (evaluation at full resolution): the scores are upsampled to it.
   """
-  scores = inference_lib.predict(lambda x: _eval_outputs(seg_state, x)["logits"],
-                                 preprocess(batch["image"], mean, std),
-                                 batch["label"].shape[1:3], inference)
-  preds = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  preds = predict_labels(seg_state, batch["image"], batch["label"].shape[1:3], mean=mean,
+                         std=std, inference=inference)
   batch_confusion = metrics.confusion_matrix(batch["label"], preds, num_classes)
   return confusion + jax.lax.psum(batch_confusion, axis_name), preds
+
+
+def predict_labels(seg_state: TrainState, images: jax.Array, out_size: tuple[int, int], *,
+                   mean, std,
+                   inference: inference_lib.Inference = inference_lib.Inference()) -> jax.Array:
+  """Predicted classes (N, *out_size) int32 of uint8 images (N, H, W, 3), in inference mode.
+
+  BatchNorm uses its running statistics and dropout is off; the scores of
+  `inference` (test-time augmentation, sliding windows) are resized to `out_size`.
+  """
+  scores = inference_lib.predict(lambda x: _eval_outputs(seg_state, x)["logits"],
+                                 preprocess(images, mean, std), out_size, inference)
+  return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
 def _eval_outputs(seg_state: TrainState, x: jax.Array) -> dict:

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -73,19 +74,38 @@ def prepare_workdir(workdir: str) -> None:
                           "Pass a --workdir you can create files in.") from e
 
 
+def _segmenter_init(config: ml_collections.ConfigDict, rng: jax.Array, num_classes: int):
+  """A function building the segmenter's TrainState, and its learning-rate schedule."""
+  height, width = config.data.crop_size
+  seg_model = models.build_segmenter(config.model, num_classes)
+  seg_tx, seg_lr = optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
+
+  def init_seg():
+    variables = seg_model.init(rng, jnp.zeros((1, height, width, 3)), train=False)
+    return steps.TrainState.create(apply_fn=seg_model.apply, params=variables["params"],
+                                   batch_stats=variables.get("batch_stats", {}), tx=seg_tx)
+
+  return init_seg, seg_lr
+
+
+def abstract_seg_state(config: ml_collections.ConfigDict, num_classes: int,
+                       mesh) -> steps.TrainState:
+  """The segmenter's TrainState as shapes with replicated shardings: a restore target.
+
+  Nothing is initialised (`jax.eval_shape`), so it costs no memory or compute.
+  """
+  init_seg, _ = _segmenter_init(config, jax.random.key(0), num_classes)
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      jax.eval_shape(init_seg))
+
+
 def create_states(config: ml_collections.ConfigDict, rng: jax.Array, num_classes: int,
                   mesh) -> tuple[dict, dict]:
   """Builds the TrainStates (replicated on the mesh) and their learning-rate schedules."""
   height, width = config.data.crop_size
-  seg_model = models.build_segmenter(config.model, num_classes)
-  seg_tx, seg_lr = optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
   seg_rng, disc_rng = jax.random.split(rng)
-
-  def init_seg():
-    variables = seg_model.init(seg_rng, jnp.zeros((1, height, width, 3)), train=False)
-    return steps.TrainState.create(apply_fn=seg_model.apply, params=variables["params"],
-                                   batch_stats=variables.get("batch_stats", {}), tx=seg_tx)
-
+  init_seg, seg_lr = _segmenter_init(config, seg_rng, num_classes)
   inits, schedules = {"seg": init_seg}, {"seg": seg_lr}
   if METHODS[config.adapt.method]:
     disc_model = models.build_discriminator(config.disc, num_classes)
@@ -120,9 +140,31 @@ def load_backbone_weights(seg_state: steps.TrainState, model_config: ml_collecti
   return seg_state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
 
 
-def evaluate(eval_fn, seg_state, eval_ds, mesh, num_classes: int,
-             num_samples: int) -> tuple[np.ndarray, dict]:
-  """Runs the evaluation split once; returns the confusion matrix and a few samples."""
+def make_eval_step(config: ml_collections.ConfigDict, num_classes: int, mesh):
+  """The data-parallel evaluation step, (seg_state, global batch, confusion) -> (confusion, preds).
+
+  Test-time augmentation and sliding windows come from `config.inference`.
+  """
+  return parallel.data_parallel(
+      functools.partial(steps.eval_step, num_classes=num_classes, mean=tuple(config.data.mean),
+                        std=tuple(config.data.std),
+                        inference=inference.Inference.from_config(config.get("inference"))),
+      mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(parallel.DATA_AXIS)))
+
+
+def confusion_spec(num_classes: int, mesh) -> jax.ShapeDtypeStruct:
+  """The evaluation step's running confusion matrix, for ahead-of-time compilation."""
+  return jax.ShapeDtypeStruct((num_classes,) * 2, jnp.int32, sharding=parallel.replicated(mesh))
+
+
+def evaluate(eval_fn, seg_state, eval_ds, mesh, num_classes: int, num_samples: int,
+             on_predictions: Callable[[int, np.ndarray], None] | None = None
+             ) -> tuple[np.ndarray, dict]:
+  """Runs the evaluation split once; returns the confusion matrix and a few samples.
+
+  `on_predictions(i, preds)`, if given, receives this process's rows of the
+  predictions of its i-th local batch (padding records included).
+  """
   def zeros():
     return parallel.make_replicated(lambda: jnp.zeros((num_classes, num_classes), jnp.int32),
                                     mesh)
@@ -130,13 +172,15 @@ def evaluate(eval_fn, seg_state, eval_ds, mesh, num_classes: int,
   confusion = zeros()
   total = np.zeros((num_classes, num_classes), np.int64)
   pixels_on_device, samples = 0, {}
-  for local_batch in eval_ds:
+  for batch_index, local_batch in enumerate(eval_ds):
     batch_pixels = local_batch["label"].size * jax.process_count()
     if pixels_on_device + batch_pixels >= 2 ** 31:  # Flush before the int32 sum could overflow.
       total += np.asarray(confusion)
       confusion, pixels_on_device = zeros(), 0
     confusion, preds = eval_fn(seg_state, parallel.to_global(local_batch, mesh), confusion)
     pixels_on_device += batch_pixels
+    if on_predictions is not None:
+      on_predictions(batch_index, parallel.local_rows(preds))
     if not samples:
       n = min(num_samples, len(local_batch["image"]))
       samples = {"image": local_batch["image"][:n], "label": local_batch["label"][:n],
@@ -210,19 +254,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         aux_weights=tuple(config.loss.aux_weights)),
       mesh, in_specs=(P(), P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(), P()),
       donate_argnums=(0, 1))
-  eval_step = parallel.data_parallel(
-      functools.partial(steps.eval_step, num_classes=info.num_classes, mean=mean, std=std,
-                        inference=inference.Inference.from_config(config.get("inference"))),
-      mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(parallel.DATA_AXIS)))
+  eval_step = make_eval_step(config, info.num_classes, mesh)
   step_rng = parallel.make_replicated(lambda: step_rng, mesh)
-  confusion_spec = jax.ShapeDtypeStruct((info.num_classes,) * 2, jnp.int32,
-                                        sharding=parallel.replicated(mesh))
   compiled = parallel.compile_all(
       {"train_step": train_step, "eval_step": eval_step},
       {"train_step": (states["seg"], states.get("disc"),
                       parallel.global_batch_spec(train_batches[0], mesh), step_rng),
        "eval_step": (states["seg"], parallel.global_batch_spec(eval_ds[0], mesh),
-                     confusion_spec)})
+                     confusion_spec(info.num_classes, mesh))})
   train_step, eval_step = compiled["train_step"], compiled["eval_step"]
 
   def run_eval(state, step: int, write: bool = True) -> dict[str, float]:
