@@ -5,6 +5,9 @@ one JSON object per write (`step` plus the metric names), so scripts can read
 results without TensorBoard. Each line is flushed as it is written; on resume,
 lines past the restored step (and a line cut short by a crash) are dropped, so
 the file ends up exactly as an uninterrupted run would have written it.
+
+Also the pictures (label maps in a palette, overlays, sample grids) and the
+filter that keeps Orbax's and Grain's INFO chatter out of the entry points' logs.
 """
 
 import json

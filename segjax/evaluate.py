@@ -1,0 +1,287 @@
+"""Evaluates a checkpoint of a training run: per-class IoU, mIoU and accuracies of a labelled split.
+
+  python -m segjax.evaluate \
+      --config=configs/deeplabv2_gta5_cityscapes.py:gta5=/data/GTA5,cityscapes=/data/cityscapes \
+      --workdir=runs/deeplabv2 --checkpoint=best --config.data.eval.split=val \
+      --config.inference.flip=True --config.inference.scales=0.75,1.0,1.25 \
+      --save_predictions=runs/deeplabv2/val_predictions
+
+The config is the training run's; any field can be overridden. Only the
+segmenter is restored from {workdir}/checkpoints (--checkpoint: 'latest',
+'best' by the mIoU of training's evaluations, or a step number), read-only,
+so a run still training is not disturbed. The split is evaluated with the
+step training evaluates with (`segjax.steps.eval_step`: BatchNorm running
+statistics, no dropout, `config.inference` test-time augmentation and
+sliding windows), data-parallel over all local devices, at the labels'
+resolution: with `data.eval.resize_labels=False` images are read at
+`data.eval.resize` and the scores upsampled to the full-resolution labels.
+
+Results: a table on the console; TensorBoard and metrics.jsonl in
+{workdir}/eval (beside, not inside, the training run's files); and
+{workdir}/eval/<split>_step<N>.json with every number, the checkpoint, the
+data.eval and inference configs and the number of images.
+
+--save_predictions=DIR writes each image's prediction at the labels'
+resolution: <image stem>_trainIds.png and, for the Cityscapes label space,
+<image stem>_labelIds.png (Cityscapes label ids, what cityscapesscripts and
+the benchmark server evaluate), in the image's city folder (DIR/frankfurt/...)
+when it has one under leftImg8bit/<split>, else directly in DIR.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from PIL import Image
+
+from segjax import checkpointing, data, inference, metrics, parallel, reporting, train
+from segjax.data import pipeline
+
+FLAGS = flags.FLAGS
+EVAL_SUBDIR = "eval"
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fails early, naming the field, on an evaluation config that cannot work."""
+  parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
+  inference.Inference.from_config(config.get("inference"))
+  check_label_space(config)
+
+
+def check_label_space(config: ml_collections.ConfigDict) -> None:
+  """data.eval must name data.source's classes: the checkpoint predicts those."""
+  source_info = data.dataset_info(config.data.source, "data.source")
+  eval_info = data.dataset_info(config.data.eval, "data.eval")
+  if eval_info.class_names != source_info.class_names:
+    raise ValueError(f"data.eval ({config.data.eval.name}) and data.source "
+                     f"({config.data.source.name}) do not share one label space: the checkpoint "
+                     "predicts data.source's classes.")
+
+
+def restore_segmenter(config: ml_collections.ConfigDict, workdir: str, checkpoint: str,
+                      mesh) -> tuple:
+  """The segmenter's TrainState of `checkpoint` (replicated on `mesh`) and its step.
+
+  Only the 'seg' item is read; the discriminator and the data iterator stay on disk.
+  """
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1,
+                                    read_only=True)
+  try:
+    step = ckpt.select_step(checkpoint)
+    num_classes = data.dataset_info(config.data.source, "data.source").num_classes
+    abstract = train.abstract_seg_state(config, num_classes, mesh)
+    state = ckpt.restore_states(step, {"seg": abstract})["seg"]
+  finally:
+    ckpt.close()
+  logging.info("Restored the segmenter of step %d (--checkpoint=%s) from %s.", step, checkpoint,
+               workdir)
+  return state, step
+
+
+def prediction_names(eval_config: ml_collections.ConfigDict, source) -> list[str]:
+  """Output path stems, relative to the predictions folder, of the split's examples in order.
+
+  A file source gives `<city>/<image stem>` for an image under
+  `{root}/leftImg8bit/{split}/<city>/` (Cityscapes), else `<image stem>`;
+  other sources number their examples.
+  """
+  pairs = getattr(source, "pairs", None)
+  if pairs is None:
+    return [f"{index:06d}" for index in range(len(source))]
+  base = os.path.abspath(os.path.join(eval_config.get("root", ""), "leftImg8bit",
+                                      eval_config.get("split", "")))
+  names = []
+  for image_path, _ in pairs:
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    folder = os.path.relpath(os.path.dirname(os.path.abspath(image_path)), base)
+    names.append(stem if folder == "." or folder.startswith("..") else os.path.join(folder, stem))
+  if len(set(names)) != len(names):
+    duplicate = next(name for name in names if names.count(name) > 1)
+    raise data.DataError(f"data.eval: two images would write the predictions {duplicate!r}; "
+                         "the split's image names must be unique.")
+  return names
+
+
+class PredictionWriter:
+  """Writes the predictions of evaluation batches as label PNGs (the `on_predictions` callback).
+
+  Local batch i of process p holds the examples [i*B + p*B/P, i*B + (p+1)*B/P)
+  of the split (B the global batch, P the processes; `pipeline._process_slice`);
+  the padding records past the split's end are not written.
+  """
+
+  def __init__(self, directory: str, names: list[str], source, eval_config, global_batch: int,
+               info: data.DatasetInfo):
+    self._directory = directory
+    self._names = names
+    self._source = source
+    self._global_batch = global_batch
+    self._rows = global_batch // jax.process_count()
+    self._first_row = jax.process_index() * self._rows
+    self._padded = bool(eval_config.get("pad_to"))
+    resize = tuple(eval_config.get("resize", ()))
+    self._label_size = resize if resize and eval_config.get("resize_labels", True) else None
+    self._label_ids = None
+    if info.train_to_id:
+      self._label_ids = np.zeros(256, np.uint8)
+      for train_id, label_id in info.train_to_id:
+        self._label_ids[train_id] = label_id
+    self.written = 0
+
+  def _size(self, index: int) -> tuple[int, int]:
+    """The (height, width) of example `index`'s label: its crop out of a padded batch."""
+    if self._label_size:
+      return self._label_size
+    with Image.open(self._source.pairs[index][0]) as image:  # Labels match their images' size.
+      return image.size[::-1]
+
+  def __call__(self, batch_index: int, preds: np.ndarray) -> None:
+    first = batch_index * self._global_batch + self._first_row
+    for row, pred in enumerate(preds):
+      index = first + row
+      if index >= len(self._names):
+        return
+      if self._padded:
+        height, width = self._size(index)
+        pred = pred[:height, :width]
+      path = os.path.join(self._directory, self._names[index])
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      train_ids = pred.astype(np.uint8)
+      Image.fromarray(train_ids).save(path + "_trainIds.png")
+      if self._label_ids is not None:
+        Image.fromarray(self._label_ids[train_ids]).save(path + "_labelIds.png")
+      self.written += 1
+
+
+def _finite_or_none(value: float) -> float | None:
+  return float(value) if np.isfinite(value) else None
+
+
+def format_table(report: dict) -> str:
+  """The console table: per-class IoU, then the means and accuracies, in %."""
+  def percent(value):
+    return "     n/a" if value is None else f"{100 * value:8.2f}"
+
+  lines = [f"{report['dataset']} {report['split']}: {report['num_images']} images, step "
+           f"{report['step']} (--checkpoint={report['checkpoint']})",
+           f"{'class':<20}{'IoU %':>8}", "-" * 28]
+  lines += [f"{name:<20}{percent(iou)}" for name, iou in report["iou"].items()]
+  lines.append("-" * 28)
+  lines.append(f"{'mIoU':<20}{percent(report['miou'])}")
+  lines += [f"{name.replace('miou', 'mIoU'):<20}{percent(report[name])}"
+            for name in report["subsets"]]
+  lines.append(f"{'pixel accuracy':<20}{percent(report['pixel_acc'])}")
+  lines.append(f"{'mean accuracy':<20}{percent(report['mean_acc'])}")
+  return "\n".join(lines)
+
+
+def _write_json(path: str, report: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  os.replace(tmp, path)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        checkpoint: str = "latest",
+                        save_predictions: str | None = None) -> dict:
+  """Evaluates the segmenter of `checkpoint` in `workdir` on `config.data.eval`.
+
+  Returns the report, also written (by process 0) to
+  {workdir}/eval/<split>_step<N>.json: IoU per class (None where a class is
+  in neither labels nor predictions), mIoU and the extra subsets, pixel and
+  mean accuracy, the confusion matrix (rows labels, columns predictions),
+  the step, the checkpoint choice, the data.eval and inference configs and
+  the number of images.
+  """
+  check_config(config)
+  is_primary = jax.process_index() == 0
+  mesh = parallel.make_mesh()
+  info = data.dataset_info(config.data.eval, "data.eval")
+  split = config.data.eval.get("split", "eval")
+  # The original files (a cache names its files by index): their names and whether labelled.
+  listed = data.build_source(config.data.eval, "data.eval", use_cache=False)
+  if not getattr(listed, "labelled", True):
+    raise data.DataError(f"data.eval: the split {split!r} of {config.data.eval.name} has no "
+                         "labels (config field data.eval.split); evaluate a labelled split, or "
+                         "predict it with python -m segjax.predict.")
+  names = prediction_names(config.data.eval, listed) if save_predictions else []
+  seg_state, step = restore_segmenter(config, workdir, checkpoint, mesh)
+  eval_ds, num_images = pipeline.eval_dataset(config, process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+  eval_step = parallel.compile_all(
+      {"eval_step": train.make_eval_step(config, info.num_classes, mesh)},
+      {"eval_step": (seg_state, parallel.global_batch_spec(eval_ds[0], mesh),
+                     train.confusion_spec(info.num_classes, mesh))})["eval_step"]
+  writer = None
+  if save_predictions:
+    writer = PredictionWriter(save_predictions, names, listed, config.data.eval,
+                              config.eval_batch_size, info)
+  confusion, samples = train.evaluate(eval_step, seg_state, eval_ds, mesh, info.num_classes,
+                                      config.num_eval_samples, on_predictions=writer)
+  if writer is not None:
+    logging.info("Wrote the predictions of %d images to %s.", writer.written, save_predictions)
+
+  subsets = train.eval_subsets(config)
+  result = metrics.scores(confusion, subsets)
+  report = {
+      "step": int(step), "checkpoint": str(checkpoint), "workdir": os.path.abspath(workdir),
+      "dataset": config.data.eval.name, "split": split, "num_images": int(num_images),
+      "miou": _finite_or_none(result["miou"]),
+      **{name: _finite_or_none(result[name]) for name, _ in subsets},
+      "subsets": {name: list(classes) for name, classes in subsets},
+      "pixel_acc": _finite_or_none(result["pixel_acc"]),
+      "mean_acc": _finite_or_none(result["mean_acc"]),
+      "iou": {name: _finite_or_none(iou) for name, iou in zip(info.class_names, result["iou"])},
+      "confusion_matrix": np.asarray(confusion).tolist(),
+      "data_eval": config.data.eval.to_dict(),
+      "inference": config.inference.to_dict() if "inference" in config else {},
+  }
+  if is_primary:
+    print(format_table(report), flush=True)
+    out_dir = os.path.join(workdir, EVAL_SUBDIR)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{split}_step{step}.json")
+    _write_json(path, report)
+    logging.info("Wrote %s.", path)
+  metric_writer = reporting.create_writer(os.path.join(workdir, EVAL_SUBDIR),
+                                          is_primary=is_primary)
+  summary = train.eval_summary(confusion, info.class_names, subsets)
+  metric_writer.write_scalars(step, {f"{split}/{key.removeprefix('eval/')}": value
+                                     for key, value in summary.items()})
+  if samples:
+    metric_writer.write_images(step, {f"{split}/samples": reporting.sample_grid(
+        samples["image"], samples["pred"], samples["label"], info.palette)})
+  metric_writer.close()
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  reporting.quiet_libraries()
+  parallel.log_topology()
+  try:
+    evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.save_predictions)
+  except (checkpointing.CheckpointError, data.DataError) as e:
+    raise SystemExit(f"segjax.evaluate: {e}") from e
+
+
+def define_flags():
+  """The command's flags, defined when it runs: absl refuses a flag defined twice in a process."""
+  config_flags.DEFINE_config_file("config", None, "The training run's configuration file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "The training run's workdir (holding checkpoints/).")
+  flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by mIoU) or a step number.")
+  flags.DEFINE_string("save_predictions", None,
+                      "Folder for the predictions as PNGs (trainIds, and Cityscapes labelIds).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
