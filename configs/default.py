@@ -63,5 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
       scales=(1.0,), flip=False,
       window=(), stride=()))  # (height, width) sliding windows, () for whole images.
 
-  config.adapt = ml_collections.ConfigDict(dict(method="source_only", lambda_adv=0.0))
+  # The adaptation method and its weights (segjax.methods). Output-space methods:
+  # lambda_adv / lambda_ent on the main head, *_aux on the first auxiliary head.
+  config.adapt = ml_collections.ConfigDict(dict(
+      method="source_only", lambda_adv=0.0, lambda_adv_aux=0.0, lambda_ent=0.0,
+      lambda_ent_aux=0.0,
+      gan="vanilla",  # Or "ls" (least squares).
+      disc_input=""))  # "softmax" or "self_information"; "": the method's (AdvEnt: the latter).
   return config

@@ -19,20 +19,15 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.sharding import PartitionSpec as P
 
-from segjax import (checkpointing, data, inference, losses, metrics, models, optim, parallel,
-                    reporting, steps)
+from segjax import (checkpointing, data, inference, losses, methods, metrics, models, optim,
+                    parallel, reporting, steps)
 from segjax.data import pipeline
 from segjax.models import weights
-
-# adapt.method -> does it train a discriminator against unlabelled target images?
-METHODS = {"source_only": False, "adaptsegnet": True}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, naming the field, on settings that cannot work."""
-  if config.adapt.method not in METHODS:
-    raise ValueError(f"Unknown adaptation method {config.adapt.method!r} (config field "
-                     f"adapt.method); expected one of {sorted(METHODS)}.")
+  method = methods.build(config, 1)
   for field in ("num_train_steps", "log_every_steps", "eval_every_steps",
                 "checkpoint_every_steps"):
     if config[field] <= 0:
@@ -51,7 +46,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.backbone_weights and not os.path.isfile(config.model.backbone_weights):
     raise FileNotFoundError(f"config.model.backbone_weights={config.model.backbone_weights!r} "
                             "is not a file.")
-  if METHODS[config.adapt.method]:
+  if getattr(method, "disc_names", None):
     models.build_discriminator(config.disc, 1)
   source_info = data.dataset_info(config.data.source, "data.source")
   for field in ("data.target", "data.eval"):
@@ -102,23 +97,13 @@ def abstract_seg_state(config: ml_collections.ConfigDict, num_classes: int,
 
 def create_states(config: ml_collections.ConfigDict, rng: jax.Array, num_classes: int,
                   mesh) -> tuple[dict, dict]:
-  """Builds the TrainStates (replicated on the mesh) and their learning-rate schedules."""
-  height, width = config.data.crop_size
-  seg_rng, disc_rng = jax.random.split(rng)
-  init_seg, seg_lr = _segmenter_init(config, seg_rng, num_classes)
-  inits, schedules = {"seg": init_seg}, {"seg": seg_lr}
-  if METHODS[config.adapt.method]:
-    disc_model = models.build_discriminator(config.disc, num_classes)
-    disc_tx, disc_lr = optim.discriminator_optimizer(config.optim.disc, config.num_train_steps)
-
-    def init_disc():
-      variables = disc_model.init(disc_rng, jnp.zeros((1, height, width, num_classes)))
-      return steps.TrainState.create(apply_fn=disc_model.apply, params=variables["params"],
-                                     tx=disc_tx)
-
-    inits["disc"], schedules["disc"] = init_disc, disc_lr
+  """Builds the method's TrainStates (replicated on the mesh) and their learning-rate schedules."""
+  method = methods.build(config, num_classes)
+  seg_rng, other_rng = jax.random.split(rng)
+  init_seg, _ = _segmenter_init(config, seg_rng, num_classes)
+  inits = method.state_inits(other_rng, init_seg)
   states = {name: parallel.make_replicated(init, mesh) for name, init in inits.items()}
-  return states, schedules
+  return states, method.schedules
 
 
 def load_backbone_weights(seg_state: steps.TrainState, model_config: ml_collections.ConfigDict,
@@ -214,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_primary = jax.process_index() == 0
   mesh = parallel.make_mesh()
   info = data.dataset_info(config.data.source, "data.source")
-  adapt = METHODS[config.adapt.method]
+  method = methods.build(config, info.num_classes)
   subsets = eval_subsets(config)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=config.keep_checkpoints)
@@ -227,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   root_rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(root_rng)
   states, schedules = create_states(config, init_rng, info.num_classes, mesh)
-  train_batches = pipeline.train_batches(config, with_target=adapt,
+  train_batches = pipeline.train_batches(config, with_target=method.uses_target,
                                          process_index=jax.process_index(),
                                          process_count=jax.process_count())
   train_iter = iter(pipeline.stream(train_batches, config.data.num_workers))
@@ -246,20 +231,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write_hparams(dict(_flatten(config.to_dict())))
 
   # ---- Compiled steps.
-  mean, std = tuple(config.data.mean), tuple(config.data.std)
   train_step = parallel.data_parallel(
-      functools.partial(steps.train_step, lambda_adv=config.adapt.lambda_adv,
-                        lr_fn=schedules["seg"], mean=mean, std=std,
-                        seg_loss=losses.from_config(config.loss),
-                        aux_weights=tuple(config.loss.aux_weights)),
-      mesh, in_specs=(P(), P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(), P()),
-      donate_argnums=(0, 1))
+      functools.partial(method.step, axis_name=parallel.DATA_AXIS), mesh,
+      in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
   eval_step = make_eval_step(config, info.num_classes, mesh)
   step_rng = parallel.make_replicated(lambda: step_rng, mesh)
   compiled = parallel.compile_all(
       {"train_step": train_step, "eval_step": eval_step},
-      {"train_step": (states["seg"], states.get("disc"),
-                      parallel.global_batch_spec(train_batches[0], mesh), step_rng),
+      {"train_step": (states, parallel.global_batch_spec(train_batches[0], mesh), step_rng),
        "eval_step": (states["seg"], parallel.global_batch_spec(eval_ds[0], mesh),
                      confusion_spec(info.num_classes, mesh))})
   train_step, eval_step = compiled["train_step"], compiled["eval_step"]
@@ -277,7 +256,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return summary
 
   # ---- Train.
-  seg_state, disc_state = states["seg"], states.get("disc")
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                            every_steps=config.log_every_steps, every_secs=None)
   pending, last_log_time, summary = [], time.monotonic(), {}
@@ -285,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = parallel.to_global(next(train_iter), mesh)
-        seg_state, disc_state, step_metrics = train_step(seg_state, disc_state, batch, step_rng)
+        states, step_metrics = train_step(states, batch, step_rng)
       pending.append(step_metrics)
       report(step)
       last = step == config.num_train_steps
@@ -301,15 +279,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending, last_log_time = [], now
       eval_metrics = None
       if step % config.eval_every_steps == 0 or last:
-        summary = run_eval(seg_state, step)
+        summary = run_eval(states["seg"], step)
         eval_metrics = {"miou": summary["eval/miou"]}
       if step % config.checkpoint_every_steps == 0 or eval_metrics is not None:
         writer.flush()
-        saved = {"seg": seg_state} | ({"disc": disc_state} if disc_state is not None else {})
-        ckpt.save(step, saved, train_iter, metrics=eval_metrics)
+        ckpt.save(step, states, train_iter, metrics=eval_metrics)
     if start_step >= config.num_train_steps:
       logging.info("Training already finished at step %d; evaluating.", start_step)
-      summary = run_eval(seg_state, start_step, write=False)
+      summary = run_eval(states["seg"], start_step, write=False)
   ckpt.wait_until_finished()
   logging.info("Best checkpoint by target mIoU: step %s.", ckpt.best_step())
   ckpt.close()

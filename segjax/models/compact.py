@@ -40,10 +40,17 @@ class ResidualBlock(nn.Module):
 
 
 class CompactSeg(nn.Module):
-  """Returns {'logits': (N, H, W, num_classes) float32, 'aux': ()} for images (N, H, W, 3)."""
+  """Returns {'logits', 'aux', 'features'} for images (N, H, W, 3).
+
+  'logits' (N, H, W, num_classes) float32; 'aux': with `aux_head`, in training,
+  the logits of a 1x1 classifier on the stride-8 context features (the place
+  of DeepLab-v2's layer3 head, for multi-level adaptation), else ();
+  'features': the stride-8 context features (what FCNs in the Wild aligns).
+  """
   num_classes: int
   width: int = 32
   dropout_rate: float = 0.1
+  aux_head: bool = False
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -51,6 +58,7 @@ class CompactSeg(nn.Module):
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
     return cls(num_classes=num_classes, width=config.width, dropout_rate=config.dropout_rate,
+               aux_head=config.get("aux_head", False),
                bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
                dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
@@ -72,6 +80,14 @@ class CompactSeg(nn.Module):
     pooled = layers.ConvBNReLU(4 * w, kernel_size=1, **common)(pooled, train)
     x = jnp.concatenate([x, jnp.broadcast_to(pooled, x.shape)], axis=-1)
     x = layers.ConvBNReLU(4 * w, kernel_size=1, **common)(x, train)
+    features = x
+    aux = ()
+    if self.aux_head:
+      aux_logits = layers.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+                               param_dtype=self.param_dtype,
+                               kernel_init=nn.initializers.lecun_normal(), name="aux_head")(x)
+      if train:
+        aux = (layers.resize_bilinear(aux_logits, height, width).astype(jnp.float32),)
     # Decoder: upsample to stride 4 and fuse the low-level features.
     x = layers.resize_bilinear(x, *low.shape[1:3])
     low = layers.ConvBNReLU(w, kernel_size=1, **common)(low, train)
@@ -82,4 +98,4 @@ class CompactSeg(nn.Module):
                          param_dtype=self.param_dtype,
                          kernel_init=nn.initializers.lecun_normal())(x)
     return {"logits": layers.resize_bilinear(logits, height, width).astype(jnp.float32),
-            "aux": ()}
+            "aux": aux, "features": features}

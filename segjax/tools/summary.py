@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from segjax import losses, models, train
+from segjax import losses, methods, models
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
@@ -80,7 +80,7 @@ def summarize(config, height: int, width: int, batch: int, num_classes: int,
       "forward_flops": compiled_flops(forward, params, stats, images),
       "train_flops": compiled_flops(jax.grad(train_loss), params, stats, images),
       "latency_s": median_latency(forward, (params, stats, images), repeats)}]
-  if train.METHODS[config.adapt.method]:
+  if getattr(methods.build(config, num_classes), "disc_names", None):
     disc = models.build_discriminator(config.disc, num_classes)
     probs = jnp.zeros((batch, height, width, num_classes), jnp.float32)
     disc_params = jax.jit(lambda: disc.init(jax.random.key(0), probs[:1]))()["params"]

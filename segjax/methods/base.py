@@ -1,0 +1,82 @@
+"""What the methods share: the segmenter's supervised update and discriminator plumbing."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from segjax import losses, models, optim, steps
+
+
+class Method:
+  """Base class: the segmenter trained on source labels; subclasses add their terms and states."""
+  uses_target: bool = True
+  target_labels: bool = False
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+    self.config = config
+    self.num_classes = num_classes
+    self.seg_loss = losses.from_config(config.loss)
+    self.aux_weights = tuple(config.loss.aux_weights)
+    self.mean, self.std = tuple(config.data.mean), tuple(config.data.std)
+    self.seg_tx, self.seg_lr = optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
+
+  # ---- States.
+
+  def state_inits(self, rng: jax.Array, seg_init: Callable) -> dict[str, Callable]:
+    """Functions creating each TrainState, by name; 'seg' is the segmenter."""
+    del rng
+    return {"seg": seg_init}
+
+  @property
+  def schedules(self) -> dict[str, optax.Schedule]:
+    return {"seg": self.seg_lr}
+
+  def discriminator_init(self, rng: jax.Array, input_shape: tuple[int, ...]) -> Callable:
+    """A function creating a discriminator TrainState (config.disc, optim.disc)."""
+    model = models.build_discriminator(self.config.disc, self.num_classes)
+    tx, _ = optim.discriminator_optimizer(self.config.optim.disc, self.config.num_train_steps)
+
+    def init():
+      variables = model.init(rng, jnp.zeros(input_shape))
+      return steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+    return init
+
+  @property
+  def disc_schedule(self) -> optax.Schedule:
+    return optim.discriminator_optimizer(self.config.optim.disc, self.config.num_train_steps)[1]
+
+  # ---- Pieces of steps.
+
+  def preprocess(self, images: jax.Array) -> jax.Array:
+    return steps.preprocess(images, self.mean, self.std)
+
+  def source_loss(self, outputs: dict, labels: jax.Array, axis_name: str):
+    return steps.supervised_loss(outputs, labels, self.seg_loss, self.aux_weights, axis_name)
+
+  def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
+    raise NotImplementedError
+
+
+def step_rng(rng: jax.Array, step: jax.Array, axis_name: str) -> jax.Array:
+  """The run's key folded with the step (from 1) and the device: fresh dropout masks everywhere."""
+  return jax.random.fold_in(jax.random.fold_in(rng, step + 1), jax.lax.axis_index(axis_name))
+
+
+def segment(state: steps.TrainState, params, batch_stats, images: jax.Array, rng,
+            train: bool = True) -> tuple[dict, dict]:
+  """The segmenter's outputs and updated batch statistics (see steps._segment)."""
+  return steps._segment(state, params, batch_stats, images, rng, train)  # pylint: disable=protected-access
+
+
+def apply_seg_gradients(state: steps.TrainState, grads, batch_stats,
+                        axis_name: str) -> steps.TrainState:
+  """The segmenter's update; per-device BatchNorm statistics are averaged to stay replicated."""
+  return state.apply_gradients(grads=grads, batch_stats=jax.lax.pmean(batch_stats, axis_name))
+
+
+def global_mean(pair: tuple[jax.Array, jax.Array], axis_name: str) -> jax.Array:
+  return losses.global_mean(*pair, axis_name)
+
