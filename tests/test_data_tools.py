@@ -20,7 +20,7 @@ from segjax.data import files, labels, readers, synthetic
 from segjax.tools import cache_data, check_data, data_cli, data_stats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = "/work/shared/fixtures"
+FIXTURES = os.environ.get("SEGJAX_FIXTURES", "/work/shared/fixtures")
 
 
 def _fixture(name: str) -> str:

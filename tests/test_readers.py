@@ -1,8 +1,8 @@
 """Readers of the real datasets: right images and train ids, on real fixtures and faithful files.
 
-Real samples (Cityscapes, KITTI Road, VOC) come from ../shared/fixtures when
-present; GTA5, SYNTHIA and NTHU cross-city files are written here in their
-exact formats (palette PNGs, 16-bit multi-channel PNGs, the NTHU layout). The
+Real samples (Cityscapes, KITTI Road, VOC) come from $SEGJAX_FIXTURES (default
+/work/shared/fixtures) when present; GTA5, SYNTHIA and NTHU cross-city files
+are written here in their exact formats (palette PNGs, 16-bit multi-channel PNGs, the NTHU layout). The
 expected train ids are checked against the published mappings written out
 below as UDA-REFERENCE.md section 3 gives them, not against segjax's tables.
 """
@@ -20,7 +20,7 @@ from configs import recipes
 from segjax import data
 from segjax.data import files, labels, pipeline, readers
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
+FIXTURES = os.environ.get("SEGJAX_FIXTURES", "/work/shared/fixtures")
 needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES),
                                     reason=f"the real-data fixtures ({FIXTURES}) are absent")
 
