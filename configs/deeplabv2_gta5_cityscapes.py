@@ -10,15 +10,16 @@ momentum 0.9, weight decay 5e-4, poly 0.9 over 250k iterations stopped at
 output-space discriminator (FCD) with Adam 1e-4, betas (0.9, 0.99), lambda_adv
 0.001 on the main head. Differences: torchvision ImageNet weights instead of
 the (dead-linked) DeepLab COCO init, so inputs are RGB with ImageNet mean/std
-rather than BGR minus IMG_MEAN; the multi-level adversarial term arrives with
-the adaptation methods (issue 5).
+rather than BGR minus IMG_MEAN. configs/adaptsegnet.py adds the multi-level
+adversarial term; configs/advent.py, self_training.py, pseudo_label.py and
+mpl.py build on this recipe.
 """
 
 from configs import recipes
 
 
 def get_config(arg: str | None = None):
-  roots = recipes.parse_roots(arg, ("gta5", "cityscapes"))
+  roots = recipes.uda_roots(arg)
   config = recipes.base("deeplabv2_r101")
   config.batch_size = 1
   config.eval_batch_size = 1
@@ -26,10 +27,7 @@ def get_config(arg: str | None = None):
   config.log_every_steps = 100
   config.eval_every_steps = 5_000
   config.checkpoint_every_steps = 5_000
-  config.data.source = recipes.dataset("gta5", roots, "train", "source", (720, 1280), 24_966)
-  config.data.target = recipes.dataset("cityscapes", roots, "train", "target", (512, 1024), 2_975)
-  config.data.eval = recipes.dataset("cityscapes", roots, "val", "target", (512, 1024), 500,
-                                     full_res_labels=True)
+  recipes.uda_data(config, roots)  # synthia=ROOT instead of gta5=ROOT: SYNTHIA at 1280x760.
   config.data.crop_size = (512, 1024)
   config.data.augment.scale_range = (1.0, 1.0)  # Resized, not scale-augmented.
   config.data.augment.flip = False

@@ -76,3 +76,30 @@ def base(model: str) -> ml_collections.ConfigDict:
       name=model, sync_batch_stats=True, dtype="float32", param_dtype="float32",
       backbone_weights=""))
   return config
+
+
+SYNTHETIC_SOURCES = ("gta5", "synthia")
+# The working resolutions of UDA-REFERENCE.md 2a/2b/2g: GTA5 1280x720, SYNTHIA 1280x760.
+SOURCE_SIZES = {"gta5": ((720, 1280), 24_966), "synthia": ((760, 1280), 9_400)}
+
+
+def uda_roots(arg: str | None) -> dict[str, str]:
+  """Roots for GTA5 or SYNTHIA -> Cityscapes; both synthetic sources at once is an error."""
+  roots = parse_roots(arg, (*SYNTHETIC_SOURCES, "cityscapes"))
+  if all(name in roots for name in SYNTHETIC_SOURCES):
+    raise ValueError("Give either gta5= or synthia= as the source root, not both.")
+  return roots
+
+
+def uda_data(config: ml_collections.ConfigDict, roots: dict[str, str]) -> None:
+  """Source GTA5 (default) or SYNTHIA, target Cityscapes train, evaluation on Cityscapes val.
+
+  Sources resized to their working resolution, Cityscapes to 1024x512, and
+  evaluation at the labels' full 2048x1024. A SYNTHIA source adds mIoU16/13.
+  """
+  source = "synthia" if "synthia" in roots else "gta5"
+  size, count = SOURCE_SIZES[source]
+  config.data.source = dataset(source, roots, "train", "source", size, count)
+  config.data.target = dataset("cityscapes", roots, "train", "target", (512, 1024), 2_975)
+  config.data.eval = dataset("cityscapes", roots, "val", "target", (512, 1024), 500,
+                             full_res_labels=True)

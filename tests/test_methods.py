@@ -24,6 +24,8 @@ VARIANTS = {
     "minent": {"adapt.method": "advent", "adapt.lambda_adv": 0.0, "adapt.lambda_ent": 0.001,
                "model.aux_head": True, "loss.aux_weights": (0.1,),
                "adapt.lambda_ent_aux": 0.0002},
+    "self_training": {"adapt.method": "self_training", "adapt.st_threshold": 0.2,
+                      "adapt.st_ignore_bottom": 0.25, "adapt.st_jitter_p": 1.0},
 }
 
 # name -> (its states, its metrics).
@@ -36,6 +38,7 @@ EXPECTED = {
                            "loss_disc_aux", "lr"}),
     "advent": ({"seg", "disc"}, {"loss_seg", "loss_adv", "loss_ent", "loss_disc", "lr"}),
     "minent": ({"seg"}, {"loss_seg", "loss_seg_aux1", "loss_ent", "loss_ent_aux", "lr"}),
+    "self_training": ({"seg", "ema"}, {"loss_seg", "loss_mix", "pseudo_weight", "lr"}),
 }
 
 
@@ -74,9 +77,10 @@ def _run(config, num_devices: int, num_steps: int = 2):
 
 
 def _arrays(states: dict) -> dict:
-  """The array leaves of each TrainState (not its apply_fn / tx, which are static)."""
-  return {name: {"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
-                 "step": s.step} for name, s in states.items()}
+  """The array leaves of each state (a TrainState's apply_fn and tx are static, not compared)."""
+  return {name: ({"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
+                  "step": s.step} if isinstance(s, steps.TrainState) else s)
+          for name, s in states.items()}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -140,3 +144,61 @@ def test_multi_level_needs_an_auxiliary_head():
   config.adapt.lambda_adv_aux = 0.0002
   with pytest.raises(ValueError, match="need an auxiliary head"):
     _run(config, 1, num_steps=1)
+
+
+# ---- self_training's pieces.
+
+def test_classmix_takes_half_the_present_classes_rounded_up():
+  from segjax.methods import self_training  # pylint: disable=import-outside-toplevel
+  label = np.array([[0, 0, 2, 2, 5], [5, 7, 7, 255, 255]], np.uint8)  # Classes 0, 2, 5, 7.
+  chosen_sets = set()
+  for seed in range(20):
+    mask = np.asarray(self_training.classmix_mask(jax.numpy.asarray(label),
+                                                  jax.random.key(seed), 8))
+    chosen = set(np.unique(label[mask]).tolist())
+    assert len(chosen) == 2 and chosen <= {0, 2, 5, 7}
+    np.testing.assert_array_equal(mask, np.isin(label, list(chosen)))  # Whole classes, no 255.
+    chosen_sets.add(frozenset(chosen))
+  assert len(chosen_sets) > 2  # Random draws.
+  three = np.array([[1, 3, 4]], np.uint8)
+  mask = np.asarray(self_training.classmix_mask(jax.numpy.asarray(three), jax.random.key(0), 8))
+  assert mask.sum() == 2  # (3 + 1) // 2.
+
+
+def test_ema_momentum_and_update():
+  from segjax.methods import self_training  # pylint: disable=import-outside-toplevel
+  alphas = [float(self_training.ema_alpha(jax.numpy.asarray(t), 0.999)) for t in (0, 1, 9, 5000)]
+  np.testing.assert_allclose(alphas, [0.0, 0.5, 0.9, 0.999], rtol=1e-6)
+  teacher = {"w": jax.numpy.ones(3)}
+  student = {"w": jax.numpy.zeros(3)}
+  np.testing.assert_allclose(self_training.ema_update(teacher, student, 0.9)["w"], 0.9)
+
+
+def test_strong_augmentation_keeps_flat_images_flat_and_probability_zero_is_identity():
+  from segjax.methods import self_training  # pylint: disable=import-outside-toplevel
+  image = jax.numpy.asarray(np.random.default_rng(0).uniform(0, 255, (6, 7, 3)), jax.numpy.float32)
+  np.testing.assert_array_equal(self_training.color_jitter(image, jax.random.key(0), 0.2, 0.0),
+                                image)
+  np.testing.assert_array_equal(self_training.gaussian_blur(image, jax.random.key(0), 0.0), image)
+  flat = jax.numpy.full((6, 7, 3), 100.0)
+  np.testing.assert_allclose(self_training.gaussian_blur(flat, jax.random.key(1), 1.0), flat,
+                             rtol=1e-6)
+  jittered = self_training.color_jitter(image, jax.random.key(2), 0.2, 1.0)
+  assert jittered.shape == image.shape and not np.allclose(jittered, image)
+
+
+@pytest.mark.parametrize("name", ["source_only", "adaptsegnet", "advent", "self_training"])
+def test_method_configs_run_built_in_by_default_and_take_gta5_or_synthia_roots(name):
+  import importlib  # pylint: disable=import-outside-toplevel
+  module = importlib.import_module(f"configs.{name}")
+  built_in = module.get_config()
+  train.validate_config(built_in)
+  assert built_in.adapt.method == name and built_in.data.source.name == "street_scenes"
+  for source in ("gta5", "synthia"):
+    config = module.get_config(f"{source}=/data/{source},cityscapes=/data/cityscapes")
+    config.batch_size = config.eval_batch_size = 8  # The recipes' 1 or 2 would not split over 8.
+    train.validate_config(config)
+    assert config.adapt.method == name and config.model.name == "deeplabv2_r101"
+    assert config.data.source.name == source and config.data.eval.resize_labels is False
+  with pytest.raises(ValueError, match="either gta5= or synthia="):
+    module.get_config("gta5=/a,synthia=/b,cityscapes=/c")

@@ -1,0 +1,182 @@
+"""self_training: an EMA teacher, confidence-weighted pseudo labels and ClassMix (DACS / DAFormer).
+
+Beyond the seeds: the strongest widely used UDA baseline (Tranheden et al.
+2021; Hoyer et al. 2022, `mmseg/models/uda/dacs.py`). One step:
+  1. The teacher, an exponential moving average of the student, predicts the
+     target batch (inference mode: BatchNorm running statistics, no dropout);
+     pseudo labels are its argmax. Their weight is the share of target pixels
+     whose confidence exceeds `st_threshold` (0.968), over the global batch,
+     as DACS computes it per batch; rows `st_ignore_top` / `st_ignore_bottom`
+     (fractions of the height: DAFormer ignores 15 and 120 of 512 rows, the
+     ego car and the rectification border) get weight 0.
+  2. ClassMix: for each (source, target) pair, half of the classes present in
+     the source label (rounded up) are drawn at random; their source pixels
+     are pasted onto the target image, with the source labels (weight 1) over
+     the pseudo labels (weight above).
+  3. Strong augmentation of the mixed images as DACS: colour jitter (strength
+     `st_jitter`, applied with probability `st_jitter_p`) and a Gaussian blur
+     (sigma from [0.15, 1.15], probability 0.5).
+  4. The student minimises its source loss + the confidence-weighted CE on the
+     mixed images (weighted sum over every pixel / number of pixels).
+  5. The teacher follows: alpha_t = min(1 - 1 / (t + 1), st_alpha) with t the
+     step from 0 (so the teacher starts as a copy of the student), on the
+     parameters and the BatchNorm statistics (the teacher runs in inference
+     mode, so its statistics must follow the student's).
+Random draws come from the run's key folded with the step and each example's
+index in the global batch, so a step is the same on any number of devices.
+The student (states['seg']) is the network evaluated.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from segjax import losses, steps
+from segjax.methods import base
+
+_RGB_TO_YIQ = jnp.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                         [0.211, -0.523, 0.312]], jnp.float32)
+_BLUR_SIGMA = (0.15, 1.15)
+_BLUR_RADIUS = math.ceil(3 * _BLUR_SIGMA[1])
+
+
+def ema_alpha(step: jax.Array, alpha: float) -> jax.Array:
+  """DACS's teacher momentum at (0-based) iteration `step`."""
+  return jnp.minimum(1.0 - 1.0 / (step.astype(jnp.float32) + 1.0), alpha)
+
+
+def ema_update(teacher: dict, student: dict, alpha: jax.Array) -> dict:
+  return jax.tree.map(lambda t, s: alpha * t + (1.0 - alpha) * s, teacher, student)
+
+
+def classmix_mask(label: jax.Array, key: jax.Array, num_classes: int) -> jax.Array:
+  """(H, W) bool: the pixels of a random half (rounded up) of the classes present in `label`."""
+  present = jnp.zeros(num_classes + 1, bool).at[
+      jnp.where(label < num_classes, label, num_classes).reshape(-1)].set(True)[:num_classes]
+  count = jnp.sum(present)
+  chosen_count = (count + count % 2) // 2
+  scores = jnp.where(present, jax.random.uniform(key, (num_classes,)), -1.0)
+  rank = jnp.argsort(jnp.argsort(-scores))  # 0 for the highest score.
+  chosen = present & (rank < chosen_count)
+  return chosen[jnp.clip(label, 0, num_classes - 1).astype(jnp.int32)] & (label < num_classes)
+
+
+def color_jitter(image: jax.Array, key: jax.Array, strength: float, prob: float) -> jax.Array:
+  """kornia-style ColorJitter(b, c, s, h = strength) with probability `prob`; image in [0, 255]."""
+  keys = jax.random.split(key, 5)
+  apply = jax.random.uniform(keys[0]) < prob
+  x = image
+  gray = x @ jnp.array([0.299, 0.587, 0.114], jnp.float32)
+  x = x * jax.random.uniform(keys[1], minval=1 - strength, maxval=1 + strength)
+  mean = jnp.mean(gray)
+  x = (x - mean) * jax.random.uniform(keys[2], minval=1 - strength, maxval=1 + strength) + mean
+  gray = (x @ jnp.array([0.299, 0.587, 0.114], jnp.float32))[..., None]
+  x = (x - gray) * jax.random.uniform(keys[3], minval=1 - strength, maxval=1 + strength) + gray
+  angle = jax.random.uniform(keys[4], minval=-strength, maxval=strength) * 2 * jnp.pi
+  c, s = jnp.cos(angle), jnp.sin(angle)
+  rotation = jnp.array([[1, 0, 0], [0, c, -s], [0, s, c]], jnp.float32)
+  x = x @ (jnp.linalg.inv(_RGB_TO_YIQ) @ rotation @ _RGB_TO_YIQ).T
+  return jnp.where(apply, jnp.clip(x, 0, 255), image)
+
+
+def gaussian_blur(image: jax.Array, key: jax.Array, prob: float = 0.5) -> jax.Array:
+  """A separable Gaussian blur, sigma from [0.15, 1.15], with probability `prob` (edges clamped)."""
+  apply_key, sigma_key = jax.random.split(key)
+  sigma = jax.random.uniform(sigma_key, minval=_BLUR_SIGMA[0], maxval=_BLUR_SIGMA[1])
+  offsets = jnp.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, dtype=jnp.float32)
+  kernel = jnp.exp(-0.5 * (offsets / sigma) ** 2)
+  kernel = kernel / jnp.sum(kernel)
+  x = jnp.pad(image, ((_BLUR_RADIUS,) * 2, (_BLUR_RADIUS,) * 2, (0, 0)), mode="edge")
+  height, width = image.shape[:2]
+  x = sum(kernel[i] * x[i:i + height] for i in range(kernel.size))
+  x = sum(kernel[i] * x[:, i:i + width] for i in range(kernel.size))
+  return jnp.where(jax.random.uniform(apply_key) < prob, x, image)
+
+
+class SelfTraining(base.Method):
+  """DACS self-training with an EMA teacher and ClassMix: see the module docstring."""
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+    super().__init__(config, num_classes)
+    adapt = config.adapt
+    self.alpha = adapt.st_alpha
+    self.threshold = adapt.st_threshold
+    self.ignore_top, self.ignore_bottom = adapt.st_ignore_top, adapt.st_ignore_bottom
+    self.jitter, self.jitter_p = adapt.st_jitter, adapt.st_jitter_p
+    self.blur = adapt.st_blur
+    for field in ("st_alpha", "st_threshold", "st_ignore_top", "st_ignore_bottom", "st_jitter",
+                  "st_jitter_p"):
+      if not 0.0 <= adapt[field] <= 1.0:
+        raise ValueError(f"adapt.{field}={adapt[field]} must be in [0, 1].")
+    if self.ignore_top + self.ignore_bottom >= 1.0:
+      raise ValueError("adapt.st_ignore_top + adapt.st_ignore_bottom must be below 1.")
+
+  def state_inits(self, rng, seg_init):
+    def init_teacher():
+      student = seg_init()
+      return {"params": student.params, "batch_stats": student.batch_stats}
+    return {"seg": seg_init, "ema": init_teacher}
+
+  def _strong_augment(self, images: jax.Array, keys: jax.Array) -> jax.Array:
+    def one(image, key):
+      jitter_key, blur_key = jax.random.split(key)
+      x = color_jitter(image, jitter_key, self.jitter, self.jitter_p)
+      return gaussian_blur(x, blur_key) if self.blur else x
+    return jax.vmap(one)(images.astype(jnp.float32), keys)
+
+  def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
+    seg, ema = states["seg"], states["ema"]
+    rng_step = jax.random.fold_in(rng, seg.step + 1)
+    src_rng, mix_rng = jax.random.split(base.step_rng(rng, seg.step, axis_name))
+    src, tgt = batch["source"], batch["target"]
+    local = src["image"].shape[0]
+    global_index = jax.lax.axis_index(axis_name) * local + jnp.arange(local)
+    example_keys = jax.vmap(lambda i: jax.random.fold_in(rng_step, i))(global_index)
+    mask_keys, aug_keys = jax.vmap(jax.random.split, out_axes=1)(example_keys)
+
+    # 1. Pseudo labels of the EMA teacher, weighted by the share of confident pixels.
+    teacher_out, _ = base.segment(seg, ema["params"], ema["batch_stats"],
+                                  self.preprocess(tgt["image"]), None, train=False)
+    probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_out["logits"]), axis=-1)
+    confidence, pseudo = jnp.max(probs, axis=-1), jnp.argmax(probs, axis=-1)
+    height = pseudo.shape[1]
+    rows = jnp.arange(height)[None, :, None]
+    valid = ((rows >= round(self.ignore_top * height))
+             & (rows < height - round(self.ignore_bottom * height)))
+    confident = jax.lax.psum(jnp.sum(confidence >= self.threshold), axis_name)
+    total = jax.lax.psum(confidence.size, axis_name)
+    pseudo_weight = confident / total
+    weights = jnp.where(valid, pseudo_weight, 0.0) * jnp.ones_like(confidence)
+
+    # 2-3. ClassMix of source pixels onto target images, then strong augmentation.
+    masks = jax.vmap(classmix_mask, in_axes=(0, 0, None))(src["label"], mask_keys,
+                                                          self.num_classes)
+    mixed_images = jnp.where(masks[..., None], src["image"], tgt["image"])
+    mixed_images = self._strong_augment(mixed_images, aug_keys)
+    mixed_labels = jnp.where(masks, src["label"], pseudo)
+    mixed_weights = jnp.where(masks, 1.0, weights)
+
+    # 4. The student.
+    def loss_fn(params):
+      src_out, stats = base.segment(seg, params, seg.batch_stats, self.preprocess(src["image"]),
+                                    src_rng)
+      loss, parts = self.source_loss(src_out, src["label"], axis_name)
+      mix_out, stats = base.segment(seg, params, stats,
+                                    steps.preprocess(mixed_images, self.mean, self.std), mix_rng)
+      loss_mix = base.global_mean(
+          losses.weighted_cross_entropy(mix_out["logits"], mixed_labels, mixed_weights),
+          axis_name)
+      parts["loss_mix"] = loss_mix
+      return loss + loss_mix, (stats, parts)
+
+    grads, (stats, parts) = jax.grad(loss_fn, has_aux=True)(seg.params)
+    new_seg = base.apply_seg_gradients(seg, grads, stats, axis_name)
+
+    # 5. The teacher follows the updated student.
+    alpha = ema_alpha(seg.step, self.alpha)
+    new_ema = ema_update(ema, {"params": new_seg.params, "batch_stats": new_seg.batch_stats},
+                         alpha)
+    metrics = dict(parts, pseudo_weight=pseudo_weight, lr=self.seg_lr(seg.step))
+    return {"seg": new_seg, "ema": new_ema}, metrics
