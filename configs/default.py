@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
       name="sgd", lr=0.01, momentum=0.9, b1=0.9, b2=0.999, weight_decay=5e-4, power=0.9,
       head_lr_mult=1.0))  # Learning-rate factor for everything outside the backbone.
   config.optim.disc = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.99, power=0.9))
+  # mpl's teacher: its own optimizer, the same fields as optim.seg.
+  config.optim.teacher = ml_collections.ConfigDict(dict(
+      name="sgd", lr=0.01, momentum=0.9, b1=0.9, b2=0.999, weight_decay=5e-4, power=0.9,
+      head_lr_mult=1.0))
 
   # The segmentation loss of every head: "ce", "focal", "ce+focal" or "ohem".
   config.loss = ml_collections.ConfigDict(dict(
@@ -69,5 +73,14 @@ def get_config() -> ml_collections.ConfigDict:
       method="source_only", lambda_adv=0.0, lambda_adv_aux=0.0, lambda_ent=0.0,
       lambda_ent_aux=0.0,
       gan="vanilla",  # Or "ls" (least squares).
-      disc_input=""))  # "softmax" or "self_information"; "": the method's (AdvEnt: the latter).
+      disc_input="",  # "softmax" or "self_information"; "": the method's (AdvEnt: the latter).
+      # self_training (DACS / DAFormer): teacher momentum, pseudo-label confidence threshold,
+      # rows ignored at the top / bottom (fractions of the height), strong augmentation.
+      st_alpha=0.999, st_threshold=0.968, st_ignore_top=0.0, st_ignore_bottom=0.0,
+      st_jitter=0.2, st_jitter_p=0.2, st_blur=True,
+      # mpl (Meta Pseudo Labels): the student's pseudo-label weight; the teacher's UDA
+      # (noise consistency) weight, ramped up over mpl_uda_steps (0: no ramp), its noise
+      # std (normalised units); the rate of the feedback's moving baseline.
+      mpl_student_weight=1.0, mpl_uda_weight=1.0, mpl_uda_steps=0, mpl_noise_std=1.0,
+      mpl_baseline_rate=0.01))
   return config

@@ -13,6 +13,7 @@ A method is built from the config (`build`) and provides:
   source_only    the segmenter on source labels only (the lower bound)
   adaptsegnet    output-space adversarial (Tsai et al. 2018), single- or multi-level
   advent         AdvEnt and/or MinEnt (Vu et al. 2019)
+  self_training  EMA teacher, confidence-weighted pseudo labels, ClassMix (DACS/DAFormer)
 """
 
 import importlib
@@ -24,6 +25,8 @@ METHODS = {
     "source_only": "segjax.methods.supervised:SourceOnly",
     "adaptsegnet": "segjax.methods.output_space:OutputSpace",
     "advent": "segjax.methods.output_space:OutputSpace",
+    "mpl": "segjax.methods.mpl:MetaPseudoLabels",
+    "self_training": "segjax.methods.self_training:SelfTraining",
 }
 
 
