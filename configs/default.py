@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 250
   config.keep_checkpoints = 2  # The latest K, plus the best by target mIoU.
+  # A fresh run's segmenter (parameters, BatchNorm statistics) from another run's checkpoint:
+  # "WORKDIR" (its latest), "WORKDIR:best" or "WORKDIR:STEP"; the optimizer starts afresh.
+  config.init_from = ""
   config.num_eval_samples = 4  # Target images shown with predictions at each evaluation.
 
   config.data = ml_collections.ConfigDict()
@@ -78,9 +81,21 @@ def get_config() -> ml_collections.ConfigDict:
       # rows ignored at the top / bottom (fractions of the height), strong augmentation.
       st_alpha=0.999, st_threshold=0.968, st_ignore_top=0.0, st_ignore_bottom=0.0,
       st_jitter=0.2, st_jitter_p=0.2, st_blur=True,
+      # fcn_wild (FCNs in the Wild): global-alignment and category-adaptation weights; the
+      # source size statistics (a JSON file of segjax.tools.category_stats; "": computed from
+      # data.source at start-up); the CA solver's dual-ascent iterations, step and lower slack.
+      lambda_da=0.1, lambda_ca=1.0, category_stats="", ca_iterations=50, ca_step_size=1.0,
+      ca_slack=1.0,
       # mpl (Meta Pseudo Labels): the student's pseudo-label weight; the teacher's UDA
       # (noise consistency) weight, ramped up over mpl_uda_steps (0: no ramp), its noise
       # std (normalised units); the rate of the feedback's moving baseline.
       mpl_student_weight=1.0, mpl_uda_weight=1.0, mpl_uda_steps=0, mpl_noise_std=1.0,
-      mpl_baseline_rate=0.01))
+      mpl_baseline_rate=0.01,
+      # pseudo_label (BDL, the real-time seed; CBST): the weight of the CE on the pseudo labels
+      # of data.target.pseudo_labels, and how segjax.tools.make_pseudo_labels makes them:
+      # thresholds "median" (capped at pl_cap) or "cbst" (class-balanced, at the portion
+      # min(pl_portion + pl_round * pl_portion_step, pl_portion_max)), computed over the whole
+      # target set (pl_scope "dataset", BDL) or each image alone ("image", the seed's code).
+      lambda_pl=1.0, pl_threshold="median", pl_scope="dataset", pl_cap=0.9, pl_portion=0.2,
+      pl_portion_step=0.05, pl_portion_max=0.5, pl_round=0))
   return config

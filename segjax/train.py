@@ -48,6 +48,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                             "is not a file.")
   if getattr(method, "disc_names", None):
     models.build_discriminator(config.disc, 1)
+  if config.get("init_from"):
+    init_from_step(config.init_from)
   source_info = data.dataset_info(config.data.source, "data.source")
   for field in ("data.target", "data.eval"):
     info = data.dataset_info(config.data[field.split(".")[1]], field)
@@ -60,7 +62,7 @@ def prepare_workdir(workdir: str) -> None:
   """Creates `workdir` and checks that it is writable, naming it if not."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # One per process of a job.
     with open(probe, "w", encoding="utf-8") as f:
       f.write("ok")
     os.remove(probe)
@@ -123,6 +125,52 @@ def load_backbone_weights(seg_state: steps.TrainState, model_config: ml_collecti
   logging.info(report.summary(path))
   loaded = parallel.replicate_host(loaded, mesh)
   return seg_state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
+
+
+def parse_init_from(init_from: str) -> tuple[str, str]:
+  """config.init_from, 'WORKDIR[:latest|best|STEP]', as (workdir, checkpoint choice)."""
+  workdir, sep, choice = init_from.rpartition(":")
+  if sep and (choice in ("latest", "best") or choice.isdigit()):
+    return workdir, choice
+  return init_from, "latest"
+
+
+def init_from_step(init_from: str) -> tuple[str, int]:
+  """The workdir and checkpoint step config.init_from names; CheckpointError naming it if none."""
+  workdir, choice = parse_init_from(init_from)
+  try:
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1,
+                                      read_only=True)
+    try:
+      return workdir, ckpt.select_step(choice)
+    finally:
+      ckpt.close()
+  except checkpointing.CheckpointError as e:
+    raise checkpointing.CheckpointError(f"config.init_from={init_from!r}: {e}") from e
+
+
+def init_segmenter_from(seg_state: steps.TrainState, config: ml_collections.ConfigDict,
+                        num_classes: int, mesh) -> steps.TrainState:
+  """`seg_state` with the parameters and BatchNorm statistics of config.init_from's segmenter.
+
+  The other run must have trained the same model with the same kind of
+  optimizer (the restore target is this config's segmenter state); the
+  optimizer state and the step stay those of a fresh run.
+  """
+  workdir, step = init_from_step(config.init_from)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1,
+                                    read_only=True)
+  try:
+    restored = ckpt.restore_states(step, {"seg": abstract_seg_state(config, num_classes, mesh)})
+  except ValueError as e:
+    raise ValueError(f"config.init_from={config.init_from!r}: the segmenter of step {step} in "
+                     f"{workdir} does not fit this config's model ({config.model.name}) and "
+                     f"optimizer ({config.optim.seg.get('name', 'sgd')}): {e}") from e
+  finally:
+    ckpt.close()
+  logging.info("Initialised the segmenter from step %d of %s (config.init_from).", step, workdir)
+  return seg_state.replace(params=restored["seg"].params,
+                           batch_stats=restored["seg"].batch_stats)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, num_classes: int, mesh):
@@ -200,6 +248,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   info = data.dataset_info(config.data.source, "data.source")
   method = methods.build(config, info.num_classes)
+  if hasattr(method, "prepare"):  # Fixed inputs a method loads, or computes and saves, once.
+    method.prepare(workdir, is_primary)
   subsets = eval_subsets(config)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=config.keep_checkpoints)
@@ -214,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   states, schedules = create_states(config, init_rng, info.num_classes, mesh)
   train_batches = pipeline.train_batches(config, with_target=method.uses_target,
                                          process_index=jax.process_index(),
-                                         process_count=jax.process_count())
+                                         process_count=jax.process_count(),
+                                         target_labels=method.target_labels)
   train_iter = iter(pipeline.stream(train_batches, config.data.num_workers))
   eval_ds, num_eval = pipeline.eval_dataset(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())
@@ -223,7 +274,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Resumed from the checkpoint at step %d in %s.", start_step, workdir)
   else:
     logging.info("No checkpoint in %s: training from scratch.", workdir)
-    if config.model.backbone_weights:
+    if config.get("init_from"):  # A whole segmenter: backbone_weights would be overwritten.
+      states["seg"] = init_segmenter_from(states["seg"], config, info.num_classes, mesh)
+    elif config.model.backbone_weights:
       states["seg"] = load_backbone_weights(states["seg"], config.model, mesh)
     if is_primary:
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

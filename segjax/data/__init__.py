@@ -12,6 +12,9 @@ dataset and its options:
         (`segjax.data.files`)
   cache_dir, cache_format: a cache of decoded, resized records
         (`python -m segjax.tools.cache_data`)
+  pseudo_labels: (data.target) a folder of pseudo labels
+        (`python -m segjax.tools.make_pseudo_labels`), the target labels of
+        methods that train on them (`segjax.data.pseudo_label_files`)
 plus the dataset's own fields (cityscapes: cities; crosscity: city; voc:
 year; tfds: tfds_name, data_dir, image_key, label_key, label_space). See
 `configs/recipes.py:dataset` for the defaults. `python -m
@@ -91,7 +94,8 @@ def _cached(config: ml_collections.ConfigDict, source: FileSource) -> FileSource
 def cache_directory(config: ml_collections.ConfigDict, source: FileSource) -> str:
   """Where the cache of the dataset described by `config` lives."""
   identity = {k: v for k, v in config.to_dict().items()
-              if k not in ("cache_dir", "cache_format", "on_error", "on_size_mismatch")}
+              if k not in ("cache_dir", "cache_format", "on_error", "on_size_mismatch",
+                           "pseudo_labels")}
   identity["root"] = os.path.abspath(config.root)
   identity["image_format"] = config.get("cache_format", "jpeg")
   return os.path.join(config.cache_dir, files.cache_key(source, identity))

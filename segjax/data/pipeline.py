@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from segjax import data
+from segjax.data import pseudo_label_files
 from segjax.data.augment import TrainAugment
 from segjax.losses import IGNORE_LABEL
 
@@ -57,17 +58,23 @@ def _process_slice(ds: grain.MapDataset, global_batch: int, process_index: int,
 
 
 def train_batches(config: ml_collections.ConfigDict, *, with_target: bool, process_index: int,
-                  process_count: int) -> grain.MapDataset:
+                  process_count: int, target_labels: bool = False) -> grain.MapDataset:
   """Infinite random-access sequence of this process's batches.
 
-  Each is {'source': {image, label}[, 'target': {image}]}.
+  Each is {'source': {image, label}[, 'target': {image[, label]}]}: with
+  `target_labels`, the target labels are the pseudo labels of
+  `data.target.pseudo_labels`, augmented with their images.
   """
   augment = _augmentation(config)
   source = _domain_stream(data.build_source(config.data.source, "data.source"),
                           _stream_seed(config.seed, 0), augment)
   if with_target:
-    target = _domain_stream(data.build_source(config.data.target, "data.target"),
-                            _stream_seed(config.seed, 1), augment).map(_drop_label)
+    target_source = data.build_source(config.data.target, "data.target")
+    if target_labels:
+      target_source = pseudo_label_files.pseudo_labelled_target(config.data.target, target_source)
+    target = _domain_stream(target_source, _stream_seed(config.seed, 1), augment)
+    if not target_labels:
+      target = target.map(_drop_label)
     ds = grain.experimental.ZipMapDataset(parents=[source, target]).map(_as_domains)
   else:
     ds = source.map(_as_source)

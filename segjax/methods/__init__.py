@@ -14,6 +14,7 @@ A method is built from the config (`build`) and provides:
   adaptsegnet    output-space adversarial (Tsai et al. 2018), single- or multi-level
   advent         AdvEnt and/or MinEnt (Vu et al. 2019)
   self_training  EMA teacher, confidence-weighted pseudo labels, ClassMix (DACS/DAFormer)
+  pseudo_label   offline pseudo labels (median / CBST thresholds) + adversarial (the seed, BDL)
 """
 
 import importlib
@@ -25,7 +26,9 @@ METHODS = {
     "source_only": "segjax.methods.supervised:SourceOnly",
     "adaptsegnet": "segjax.methods.output_space:OutputSpace",
     "advent": "segjax.methods.output_space:OutputSpace",
+    "fcn_wild": "segjax.methods.fcn_wild:FcnWild",
     "mpl": "segjax.methods.mpl:MetaPseudoLabels",
+    "pseudo_label": "segjax.methods.pseudo_label:PseudoLabel",
     "self_training": "segjax.methods.self_training:SelfTraining",
 }
 
