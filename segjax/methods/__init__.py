@@ -13,6 +13,7 @@ A method is built from the config (`build`) and provides:
   source_only    the segmenter on source labels only (the lower bound)
   adaptsegnet    output-space adversarial (Tsai et al. 2018), single- or multi-level
   advent         AdvEnt and/or MinEnt (Vu et al. 2019)
+  fcn_wild       FCNs in the Wild: fc7 domain classifier + category size constraints
   self_training  EMA teacher, confidence-weighted pseudo labels, ClassMix (DACS/DAFormer)
   pseudo_label   offline pseudo labels (median / CBST thresholds) + adversarial (the seed, BDL)
 """
