@@ -11,8 +11,8 @@ output-space discriminator (FCD) with Adam 1e-4, betas (0.9, 0.99), lambda_adv
 0.001 on the main head. Differences: torchvision ImageNet weights instead of
 the (dead-linked) DeepLab COCO init, so inputs are RGB with ImageNet mean/std
 rather than BGR minus IMG_MEAN. configs/adaptsegnet.py adds the multi-level
-adversarial term; configs/advent.py, self_training.py, pseudo_label.py and
-mpl.py build on this recipe.
+adversarial term; configs/advent.py, self_training.py and source_only.py
+build on this recipe (configs/pseudo_label.py and mpl.py on the BiSeNet one).
 """
 
 from configs import recipes

@@ -277,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.get("init_from"):  # A whole segmenter: backbone_weights would be overwritten.
       states["seg"] = init_segmenter_from(states["seg"], config, info.num_classes, mesh)
     elif config.model.backbone_weights:
-      states["seg"] = load_backbone_weights(states["seg"], config.model, mesh)
+      for name in method.pretrained_states:  # Every segmenter of the method (MPL: two).
+        states[name] = load_backbone_weights(states[name], config.model, mesh)
     if is_primary:
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))

@@ -14,6 +14,7 @@ A method is built from the config (`build`) and provides:
   adaptsegnet    output-space adversarial (Tsai et al. 2018), single- or multi-level
   advent         AdvEnt and/or MinEnt (Vu et al. 2019)
   fcn_wild       FCNs in the Wild: fc7 domain classifier + category size constraints
+  mpl            Meta Pseudo Labels: a teacher taught by the student's feedback
   self_training  EMA teacher, confidence-weighted pseudo labels, ClassMix (DACS/DAFormer)
   pseudo_label   offline pseudo labels (median / CBST thresholds) + adversarial (the seed, BDL)
 """

@@ -14,6 +14,8 @@ class Method:
   """Base class: the segmenter trained on source labels; subclasses add their terms and states."""
   uses_target: bool = True
   target_labels: bool = False
+  # The segmenter TrainStates that receive model.backbone_weights on a fresh run.
+  pretrained_states: tuple[str, ...] = ("seg",)
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
     self.config = config

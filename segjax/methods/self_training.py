@@ -21,7 +21,9 @@ Beyond the seeds: the strongest widely used UDA baseline (Tranheden et al.
   5. The teacher follows: alpha_t = min(1 - 1 / (t + 1), st_alpha) with t the
      step from 0 (so the teacher starts as a copy of the student), on the
      parameters and the BatchNorm statistics (the teacher runs in inference
-     mode, so its statistics must follow the student's).
+     mode, so its statistics must follow the student's). At step 0 the
+     teacher is the student itself, so backbone weights loaded into the
+     student are the teacher's too.
 Random draws come from the run's key folded with the step and each example's
 index in the global batch, so a step is the same on any number of devices.
 The student (states['seg']) is the network evaluated.
@@ -128,7 +130,11 @@ class SelfTraining(base.Method):
 
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     seg, ema = states["seg"], states["ema"]
-    rng_step = jax.random.fold_in(rng, seg.step + 1)
+    # The teacher starts as the student (DACS's alpha_0 = 0), pretrained weights included.
+    ema = jax.tree.map(lambda e, s: jnp.where(seg.step == 0, s, e), ema,
+                       {"params": seg.params, "batch_stats": seg.batch_stats})
+    # Mixing and augmentation draw from their own stream (not the dropout keys of step_rng).
+    rng_step = jax.random.fold_in(jax.random.split(rng)[1], seg.step + 1)
     src_rng, mix_rng = jax.random.split(base.step_rng(rng, seg.step, axis_name))
     src, tgt = batch["source"], batch["target"]
     local = src["image"].shape[0]
