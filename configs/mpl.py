@@ -22,10 +22,10 @@ source loss, minus its moving average) instead of the seed's H = eta_S x
 L_tgt x L_src x (exp(epoch / 40) - 1), which is always positive; no
 discriminators (the seed's student and teacher each add an adversarial term,
 lambda_adv 0.001); pseudo labels from the teacher's training-mode pass; the
-teacher is initialised from its own key, not from an adapted checkpoint, and
-the training loop loads --config.model.backbone_weights into the student
-only, so the teacher's backbone starts untrained; the poly schedules decay
-every step, not every epoch. The seed's `MPL.py` passes --context_path resnet101:
+teacher starts from the ImageNet backbone (--config.model.backbone_weights
+loads into the student and the teacher) with its own head initialisation, not
+from an adapted checkpoint; the poly schedules decay every step, not every
+epoch. The seed's `MPL.py` passes --context_path resnet101:
 --config.model.name=bisenet_r101 (with resnet101 weights) selects it.
 """
 
