@@ -1,11 +1,16 @@
-"""The built-in UDA benchmark: source_only, adapt and oracle, several seeds each.
+"""The built-in UDA benchmark: every adaptation method, with bounds, several seeds each.
 
   python benchmarks/builtin_uda.py --seeds 0 1 2 --out runs/builtin_uda
+  python benchmarks/builtin_uda.py --configs source_only adapt oracle   # a subset
 
 Runs `python -m segjax.main --config=configs/<name>.py --config.seed=<seed>`
 one after another (so wall times are not inflated by sharing the CPU), then
 prints a markdown table of target mIoU (mean and spread), per-class IoU and
-wall time, and writes it beside the raw results (results.json).
+wall time, and writes it beside the raw results (results.json). A finished run
+(its final_metrics.json exists) is not run again, so an interrupted benchmark
+resumes. `pseudo_label` is its three-stage pipeline: the `adapt` run of the
+same seed, `segjax.tools.make_pseudo_labels` from its final checkpoint, then
+the pseudo-label run; its wall time counts the last two stages.
 """
 
 import argparse
@@ -17,7 +22,21 @@ import time
 
 import numpy as np
 
-CONFIGS = ("source_only", "adapt", "oracle")
+CONFIGS = ("source_only", "adapt", "advent", "fcn_wild", "pseudo_label", "mpl", "self_training",
+           "oracle")
+
+
+def _pseudo_label_args(seed: int, out: str, extra: list[str]) -> list[str]:
+  """Makes the pseudo labels of the `adapt` run of `seed`; returns the run's extra flags."""
+  labels = os.path.join(out, f"pseudo_labels_seed{seed}")
+  if not os.path.exists(os.path.join(labels, "thresholds.json")):
+    cmd = [sys.executable, "-m", "segjax.tools.make_pseudo_labels",
+           "--config=configs/pseudo_label.py", f"--workdir={os.path.join(out, f'adapt_seed{seed}')}",
+           f"--out={labels}", f"--config.seed={seed}", *extra]
+    print("$", " ".join(cmd), flush=True)
+    with open(os.path.join(out, f"pseudo_labels_seed{seed}.log"), "w", encoding="utf-8") as log:
+      subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  return [f"--config.data.target.pseudo_labels={labels}"]
 
 
 def run(name: str, seed: int, out: str, extra: list[str]) -> dict:
@@ -27,10 +46,15 @@ def run(name: str, seed: int, out: str, extra: list[str]) -> dict:
     with open(os.path.join(workdir, "wall_time.json"), encoding="utf-8") as f:
       wall = json.load(f)["seconds"]
   else:
-    cmd = [sys.executable, "-m", "segjax.main", f"--config=configs/{name}.py",
-           f"--workdir={workdir}", f"--config.seed={seed}", *extra]
-    print("$", " ".join(cmd), flush=True)
     start = time.monotonic()
+    stage = []
+    if name == "pseudo_label":
+      run("adapt", seed, out, extra)
+      start = time.monotonic()
+      stage = _pseudo_label_args(seed, out, extra)
+    cmd = [sys.executable, "-m", "segjax.main", f"--config=configs/{name}.py",
+           f"--workdir={workdir}", f"--config.seed={seed}", *stage, *extra]
+    print("$", " ".join(cmd), flush=True)
     with open(os.path.join(out, f"{name}_seed{seed}.log"), "w", encoding="utf-8") as log:
       subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     wall = time.monotonic() - start
@@ -41,13 +65,12 @@ def run(name: str, seed: int, out: str, extra: list[str]) -> dict:
 
 
 def table(results: dict, seeds: list[int]) -> str:
-  names = [k.removeprefix("eval/iou/") for k in results[CONFIGS[0]][0]["metrics"]
-           if k.startswith("eval/iou/")]
+  first = next(iter(results.values()))
+  names = [k.removeprefix("eval/iou/") for k in first[0]["metrics"] if k.startswith("eval/iou/")]
   lines = ["| config | target mIoU (%) | pixel acc (%) | "
            + " | ".join(names) + " | wall time (2-core CPU) |",
            "|---" * (len(names) + 4) + "|"]
-  for name in CONFIGS:
-    runs = results[name]
+  for name, runs in results.items():
     miou = 100 * np.array([r["metrics"]["eval/miou"] for r in runs])
     acc = 100 * np.array([r["metrics"]["eval/pixel_acc"] for r in runs])
     per_class = [100 * np.mean([r["metrics"][f"eval/iou/{c}"] for r in runs]) for c in names]
@@ -64,12 +87,13 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
   parser.add_argument("--out", default="runs/builtin_uda")
   parser.add_argument("extra", nargs="*", help="extra --config.x=y overrides for every run")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   results = {name: [run(name, seed, args.out, args.extra) for seed in args.seeds]
-             for name in CONFIGS}
+             for name in args.configs}
   text = table(results, args.seeds)
   print(text)
   with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
