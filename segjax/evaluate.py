@@ -35,10 +35,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 from PIL import Image
 
-from segjax import checkpointing, data, inference, metrics, parallel, reporting, train
+from segjax import checkpointing, cli, data, inference, metrics, parallel, reporting, train
 from segjax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -273,10 +272,7 @@ def main(argv):
 
 def define_flags():
   """The command's flags, defined when it runs: absl refuses a flag defined twice in a process."""
-  config_flags.DEFINE_config_file("config", None, "The training run's configuration file.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "The training run's workdir (holding checkpoints/).")
-  flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by mIoU) or a step number.")
+  cli.define_run_flags()
   flags.DEFINE_string("save_predictions", None,
                       "Folder for the predictions as PNGs (trainIds, and Cityscapes labelIds).")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -32,10 +32,9 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 from jax.sharding import Mesh
-from ml_collections import config_flags
 from PIL import Image
 
-from segjax import checkpointing, data, evaluate, inference, parallel, reporting, steps
+from segjax import checkpointing, cli, data, evaluate, inference, parallel, reporting, steps
 from segjax.data import files
 
 FLAGS = flags.FLAGS
@@ -123,10 +122,7 @@ def main(argv):
 
 def define_flags():
   """The command's flags, defined when it runs: absl refuses a flag defined twice in a process."""
-  config_flags.DEFINE_config_file("config", None, "The training run's configuration file.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "The training run's workdir (holding checkpoints/).")
-  flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by mIoU) or a step number.")
+  cli.define_run_flags()
   flags.DEFINE_string("input", None, "Folder of images (.png, .jpg, .jpeg), read recursively.")
   flags.DEFINE_string("output", None, "Folder for the predictions (created).")
   flags.mark_flags_as_required(["config", "workdir", "input", "output"])

@@ -58,6 +58,21 @@ class Method:
   def source_loss(self, outputs: dict, labels: jax.Array, axis_name: str):
     return steps.supervised_loss(outputs, labels, self.seg_loss, self.aux_weights, axis_name)
 
+  def source_then_target(self, seg: steps.TrainState, params, batch: dict, src_rng: jax.Array,
+                         tgt_rng: jax.Array, axis_name: str):
+    """The segmenter on the source batch (its supervised loss) then on the target batch.
+
+    Both passes in training mode, the target's BatchNorm update following the
+    source's. Returns (source outputs, target outputs, batch statistics,
+    source loss, its parts).
+    """
+    src_out, stats = segment(seg, params, seg.batch_stats,
+                             self.preprocess(batch["source"]["image"]), src_rng)
+    loss, parts = self.source_loss(src_out, batch["source"]["label"], axis_name)
+    tgt_out, stats = segment(seg, params, stats, self.preprocess(batch["target"]["image"]),
+                             tgt_rng)
+    return src_out, tgt_out, stats, loss, parts
+
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     raise NotImplementedError
 

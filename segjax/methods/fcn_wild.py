@@ -279,11 +279,8 @@ class FcnWild(base.Method):
               for i, domain in enumerate(("source", "target"))}
 
     def loss_fn(params):
-      src_out, stats = base.segment(seg, params, seg.batch_stats,
-                                    self.preprocess(batch["source"]["image"]), src_rng)
-      loss, parts = self.source_loss(src_out, batch["source"]["label"], axis_name)
-      tgt_out, stats = base.segment(seg, params, stats,
-                                    self.preprocess(batch["target"]["image"]), tgt_rng)
+      src_out, tgt_out, stats, loss, parts = self.source_then_target(
+          seg, params, batch, src_rng, tgt_rng, axis_name)
       features = {"source": src_out["features"], "target": tgt_out["features"]}
       if self.lambda_da:
         d_out = discriminate(states["disc"].params, features, seg_d_rng)

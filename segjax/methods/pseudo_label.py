@@ -77,11 +77,8 @@ class PseudoLabel(base.Method):
     src_rng, tgt_rng = jax.random.split(base.step_rng(rng, seg.step, axis_name))
 
     def loss_fn(params):
-      src_out, stats = base.segment(seg, params, seg.batch_stats,
-                                    self.preprocess(batch["source"]["image"]), src_rng)
-      loss, parts = self.source_loss(src_out, batch["source"]["label"], axis_name)
-      tgt_out, stats = base.segment(seg, params, stats,
-                                    self.preprocess(batch["target"]["image"]), tgt_rng)
+      src_out, tgt_out, stats, loss, parts = self.source_then_target(
+          seg, params, batch, src_rng, tgt_rng, axis_name)
       pl_loss, pl_parts = self.source_loss(tgt_out, batch["target"]["label"], axis_name)
       loss = loss + self.lambda_pl * pl_loss
       parts.update({name.replace("loss_seg", "loss_pl"): value

@@ -65,11 +65,10 @@ import tqdm
 from absl import app, flags, logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from ml_collections import config_flags
 from PIL import Image, PngImagePlugin
 
-from segjax import (checkpointing, data, evaluate, inference, parallel, pseudo_labels, reporting,
-                    steps)
+from segjax import (checkpointing, cli, data, evaluate, inference, parallel, pseudo_labels,
+                    reporting, steps)
 from segjax.data import files, pseudo_label_files
 from segjax.losses import IGNORE_LABEL
 from segjax.methods import base
@@ -434,10 +433,7 @@ def main(argv):
 
 def define_flags():
   """The command's flags, defined when it runs: absl refuses a flag defined twice in a process."""
-  config_flags.DEFINE_config_file("config", None, "The trained run's configuration file.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "The trained run's workdir (holding checkpoints/).")
-  flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by mIoU) or a step number.")
+  cli.define_run_flags("trained")
   flags.DEFINE_string("out", None, "Folder for the pseudo labels (created; a rerun resumes).")
   flags.mark_flags_as_required(["config", "workdir", "out"])
 
