@@ -83,7 +83,12 @@ def _arrays(states: dict) -> dict:
           for name, s in states.items()}
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+# Variants of a method already covered run in benchmarks/slow_tests.py, not CI.
+SLOW_VARIANTS = ("adaptsegnet_ls", "adaptsegnet_multi")
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v for v in sorted(VARIANTS)])
 def test_method_step_on_8_devices_equals_1_device(variant):
   config = _config(variant)
   states8, metrics8 = _run(config, 8)

@@ -466,6 +466,7 @@ def test_method_step_on_8_devices_equals_1_device(variant):
                states8, states1)
 
 
+@pytest.mark.slow  # 35 s: benchmarks/slow_tests.py runs it.
 def test_without_pseudo_labelled_pixels_the_step_is_adaptsegnets():
   config = _method_config()
   h, w = config.data.crop_size

@@ -37,7 +37,12 @@ CONFIGS = (
     ("unet_cityscapes", "unet"), ("deeplabv2_gta5_cityscapes", "deeplabv2_r101"))
 
 
-@pytest.mark.parametrize("name, model", CONFIGS)
+SLOW_MODELS = ("deeplabv3plus_r101", "deeplabv2_r101")  # Over a minute each: benchmarks/slow_tests.py.
+
+
+@pytest.mark.parametrize("name, model", [
+    pytest.param(name, model, marks=pytest.mark.slow) if model in SLOW_MODELS else (name, model)
+    for name, model in CONFIGS])
 def test_paper_config_trains_on_builtin_data(name, model, cache_dir, tmp_path):
   workdir = str(tmp_path / name)
   command = [sys.executable, "-m", "segjax.main", f"--config=configs/{name}.py",

@@ -141,6 +141,7 @@ def test_eight_devices_equal_one_device():
   _assert_trees_close(state8, state1, atol=1e-5)
 
 
+@pytest.mark.slow  # 45 s: benchmarks/slow_tests.py runs it.
 def test_per_device_batch_norm_normalises_each_device_alone():
   """Per-device statistics: the 8-device losses are the means of 8 one-image runs."""
   batch = _batch()

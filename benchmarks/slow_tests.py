@@ -1,0 +1,26 @@
+"""The tests marked slow (over ~35 s each), which CI leaves out to stay under 20 minutes.
+
+  python benchmarks/slow_tests.py
+
+Runs `pytest -m slow` on the 8 fake CPU devices of the test suite and prints
+each test's outcome and duration: the R101 paper configs end to end, the
+AdaptSegNet variants' data-parallel equivalence, BiSeNet-R101 at an odd size,
+per-device BatchNorm, the pseudo-label step without labelled pixels.
+"""
+
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> int:
+  command = [sys.executable, "-m", "pytest", "-m", "slow", "-p", "no:cacheprovider",
+             "-o", "addopts=", "-n", "2", "--durations=0", "-q", *sys.argv[1:]]
+  print("$", " ".join(command), flush=True)
+  return subprocess.call(command, cwd=REPO_ROOT)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
