@@ -23,6 +23,8 @@ from segjax.data import labels
 from segjax.methods import fcn_wild
 from segjax.tools import category_stats
 
+import uda_testing  # pylint: disable=wrong-import-order
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 8
 
@@ -41,14 +43,7 @@ def _config(**adapt):
 
 # ---- The step: data parallelism.
 
-def _batch(config, n=8, seed=0):
-  rng = np.random.default_rng(seed)
-  h, w = config.data.crop_size
-  labels_ = rng.integers(0, NUM_CLASSES, (n, h, w)).astype(np.uint8)
-  labels_[0, :, : w // 2] = 255
-  return {"source": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
-                     "label": labels_},
-          "target": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)}}
+_batch = uda_testing.random_batch
 
 
 def _run(config, initial: dict, workdir, num_devices: int, num_steps: int = 2):
@@ -278,14 +273,7 @@ def test_statistics_are_kept_in_the_workdir(tmp_path):
     ({"optim.disc.name": "rmsprop"}, ValueError, "optim.disc.name"),
 ])
 def test_config_errors_name_the_field(overrides, error, message):
-  config = _config()
-  with config.unlocked():
-    for path, value in overrides.items():
-      section, field = path.rsplit(".", 1)
-      node = config
-      for part in section.split("."):
-        node = node[part]
-      node[field] = value
+  config = uda_testing.override(_config(), overrides)
   with pytest.raises(error, match=message):
     train.validate_config(config)
 

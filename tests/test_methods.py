@@ -11,6 +11,8 @@ from jax.sharding import PartitionSpec as P
 from configs import test as test_config
 from segjax import methods, parallel, steps, train
 
+import uda_testing  # pylint: disable=wrong-import-order
+
 NUM_CLASSES = 8
 
 # name -> config overrides (field path -> value).
@@ -45,21 +47,10 @@ EXPECTED = {
 def _config(variant: str):
   config = test_config.get_config()
   config.model.dropout_rate = 0.0
-  with config.unlocked():
-    for path, value in VARIANTS[variant].items():
-      section, field = path.split(".")
-      config[section][field] = value
-  return config
+  return uda_testing.override(config, VARIANTS[variant])
 
 
-def _batch(config, n=8, seed=0):
-  rng = np.random.default_rng(seed)
-  h, w = config.data.crop_size
-  labels = rng.integers(0, NUM_CLASSES, (n, h, w)).astype(np.uint8)
-  labels[0, :, : w // 2] = 255
-  return {"source": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
-                     "label": labels},
-          "target": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)}}
+_batch = uda_testing.random_batch
 
 
 def _run(config, num_devices: int, num_steps: int = 2):
@@ -135,11 +126,7 @@ def test_adaptsegnet_method_equals_the_reference_step():
     ({"adapt.method": "adaptsegnet", "adapt.lambda_adv_aux": -1.0}, "adapt.lambda_adv_aux=-1.0"),
 ])
 def test_method_config_errors_name_the_field(overrides, message):
-  config = test_config.get_config()
-  with config.unlocked():
-    for path, value in overrides.items():
-      section, field = path.split(".")
-      config[section][field] = value
+  config = uda_testing.override(test_config.get_config(), overrides)
   with pytest.raises(ValueError, match=message):
     train.validate_config(config)
 

@@ -17,6 +17,8 @@ from configs import test as test_config
 from segjax import checkpointing, methods, parallel, steps, train
 from segjax.methods import mpl
 
+import uda_testing  # pylint: disable=wrong-import-order
+
 NUM_CLASSES = 8
 STATE_NAMES = {"seg", "teacher", "mpl"}
 METRIC_NAMES = {"loss_seg", "loss_pl", "mpl_feedback", "mpl_baseline", "loss_teacher_sup",
@@ -199,14 +201,7 @@ def _config():
   return config
 
 
-def _batch(config, n=8, seed=0):
-  rng = np.random.default_rng(seed)
-  h, w = config.data.crop_size
-  labels = rng.integers(0, NUM_CLASSES, (n, h, w)).astype(np.uint8)
-  labels[0, :, : w // 2] = 255
-  return {"source": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
-                     "label": labels},
-          "target": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)}}
+_batch = uda_testing.random_batch
 
 
 def _run(step, mesh, initial: dict, between=None, num_steps: int = 2):
@@ -295,13 +290,7 @@ def test_noise_covers_one_rectangle_and_std_zero_is_identity():
     ({"optim.teacher.name": "rmsprop"}, "optim.teacher.name"),
 ])
 def test_config_errors_name_the_field(overrides, message):
-  config = _config()
-  for path, value in overrides.items():
-    *sections, field = path.split(".")
-    node = config
-    for section in sections:
-      node = node[section]
-    node[field] = value
+  config = uda_testing.override(_config(), overrides)
   with pytest.raises(ValueError, match=message):
     train.validate_config(config)
 

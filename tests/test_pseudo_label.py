@@ -28,6 +28,8 @@ from segjax.data import files, pipeline, pseudo_label_files
 from segjax.tools import make_pseudo_labels as mpl_tool
 from segjax.tools import self_training_rounds
 
+import uda_testing  # pylint: disable=wrong-import-order
+
 NUM_CLASSES = 8
 NUM_TARGET = 12  # Two batches of 8, the second padded.
 TRAINED_STEP = 2
@@ -413,11 +415,7 @@ def _method_config(overrides=(), method="pseudo_label"):
   config = test_config.get_config()
   config.model.dropout_rate = 0.0
   config.adapt.method = method
-  with config.unlocked():
-    for path, value in dict(overrides).items():
-      section, field = path.split(".")
-      config[section][field] = value
-  return config
+  return uda_testing.override(config, overrides)
 
 
 def _batch(config, seed=0, target_labels=None):
@@ -488,14 +486,7 @@ def test_without_pseudo_labelled_pixels_the_step_is_adaptsegnets():
      r"config.init_from='/nonexistent/run:best': No checkpoint in /nonexistent/run/checkpoints"),
 ])
 def test_method_config_errors_name_the_field(overrides, message):
-  config = _method_config()
-  with config.unlocked():
-    for path, value in overrides.items():
-      node = config
-      *sections, field = path.split(".")
-      for section in sections:
-        node = node[section]
-      node[field] = value
+  config = uda_testing.override(_method_config(), overrides)
   with pytest.raises(ValueError, match=message):
     train.validate_config(config)
 

@@ -74,7 +74,8 @@ class Method:
     return src_out, tgt_out, stats, loss, parts
 
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
-    raise NotImplementedError
+    """One training iteration: (new states, scalar metrics). Every method defines its own."""
+    raise NotImplementedError(f"{type(self).__name__} defines no step.")
 
 
 def step_rng(rng: jax.Array, step: jax.Array, axis_name: str) -> jax.Array:

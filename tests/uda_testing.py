@@ -1,0 +1,30 @@
+"""Helpers shared by the adaptation-method tests: config overrides and a random two-domain batch."""
+
+import ml_collections
+import numpy as np
+
+NUM_CLASSES = 8  # The built-in scenes' label space.
+
+
+def override(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Sets each dotted field of `overrides` (e.g. 'optim.teacher.name'), new fields allowed."""
+  with config.unlocked():
+    for path, value in dict(overrides).items():
+      *sections, field = path.split(".")
+      node = config
+      for section in sections:
+        node = node[section]
+      node[field] = value
+  return config
+
+
+def random_batch(config: ml_collections.ConfigDict, n: int = 8, seed: int = 0) -> dict:
+  """Labelled source and unlabelled target images at the crop size; one image half ignored,
+  so devices see uneven numbers of labelled pixels."""
+  rng = np.random.default_rng(seed)
+  h, w = config.data.crop_size
+  labels = rng.integers(0, NUM_CLASSES, (n, h, w)).astype(np.uint8)
+  labels[0, :, : w // 2] = 255
+  return {"source": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
+                     "label": labels},
+          "target": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)}}
