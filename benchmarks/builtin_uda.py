@@ -92,14 +92,24 @@ def main() -> None:
   parser.add_argument("extra", nargs="*", help="extra --config.x=y overrides for every run")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  results = {name: [run(name, seed, args.out, args.extra) for seed in args.seeds]
-             for name in args.configs}
-  text = table(results, args.seeds)
-  print(text)
-  with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
-    f.write(text + "\n")
+  # Seed-major: every method gets its first seed before any gets its second, and the
+  # results so far are written after each run, so a stopped benchmark still has a table.
+  results = {name: [] for name in args.configs}
+  for i, seed in enumerate(args.seeds):
+    for name in args.configs:
+      results[name].append(run(name, seed, args.out, args.extra))
+      _write(results, args.seeds[:i + 1], args.out)
+  print(table(results, args.seeds))
+
+
+def _write(results: dict, seeds: list[int], out: str) -> None:
+  done = {name: runs for name, runs in results.items() if runs}
+  for name, text in (("results.json", json.dumps(done, indent=2)),
+                     ("table.md", table(done, seeds) + "\n")):
+    tmp = os.path.join(out, name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(out, name))
 
 
 if __name__ == "__main__":
