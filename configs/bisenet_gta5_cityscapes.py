@@ -30,6 +30,7 @@ def get_config(arg: str | None = None):
   config.data.eval = recipes.dataset("cityscapes", roots, "val", "target", (512, 1024), 500,
                                      full_res_labels=True)
   config.data.crop_size = (512, 1024)
+  config.data.source.crop_size = (720, 1280)  # The whole resized GTA5 image, uncropped.
   config.data.augment.scale_range = (1.0, 1.0)
   config.loss.aux_weights = (1.0, 1.0)
   config.optim.seg.update(lr=2.5e-4, momentum=0.9, weight_decay=1e-4, power=0.9)

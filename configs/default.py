@@ -9,7 +9,8 @@ import ml_collections
 def _street_scenes(domain: str, split: str, num_examples: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="street_scenes", domain=domain, split=split, num_examples=num_examples,
-      height=64, width=128, seed=0))
+      height=64, width=128, seed=0,
+      crop_size=()))  # () takes data.crop_size; (H, W) gives this domain its own crop.
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -77,7 +77,8 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 100
     config.eval_every_steps = 5_000
     config.checkpoint_every_steps = 5_000
-    config.data.crop_size = (512, 768)
+    config.data.crop_size = (512, 768)  # Both domains, as CyCADA's crop.
+    config.data.source.crop_size = config.data.target.crop_size = ()
     config.data.augment.scale_range = (1.0, 1.0)
     config.data.augment.flip = True
     config.data.augment.brightness = config.data.augment.contrast = 0.0

@@ -42,7 +42,7 @@ def dataset(name: str, roots: dict[str, str], split: str, domain: str, size: tup
   height, width = size
   return ml_collections.ConfigDict(dict(
       name="street_scenes", domain=domain, split=split, num_examples=num_examples,
-      height=height, width=width, seed=0))
+      height=height, width=width, seed=0, crop_size=()))
 
 
 def real_dataset(name: str, root: str, split: str, **fields) -> ml_collections.ConfigDict:
@@ -53,7 +53,8 @@ def real_dataset(name: str, root: str, split: str, **fields) -> ml_collections.C
       on_error="fail",  # Or "skip": replace an unreadable example by the next and count it.
       # GTA5 has frames whose label and image sizes differ: its labels are resized (nearest).
       on_size_mismatch="resize" if name == "gta5" else "fail",
-      cache_dir="", cache_format="jpeg"))
+      cache_dir="", cache_format="jpeg",
+      crop_size=()))  # Training crop of this dataset; () takes data.crop_size.
   config.update({"cityscapes": dict(cities=()), "voc": dict(year="2012"),
                  "crosscity": dict(city="Rome"),
                  "tfds": dict(tfds_name="cityscapes/semantic_segmentation", data_dir="",
@@ -96,10 +97,15 @@ def uda_data(config: ml_collections.ConfigDict, roots: dict[str, str]) -> None:
 
   Sources resized to their working resolution, Cityscapes to 1024x512, and
   evaluation at the labels' full 2048x1024. A SYNTHIA source adds mIoU16/13.
+  Training sees whole images, as in AdaptSegNet, ADVENT and BDL: each domain's
+  crop is its working size (the source's 1280x720 beside Cityscapes' 1024x512);
+  a recipe that crops both domains alike sets the two crops back to ().
   """
   source = "synthia" if "synthia" in roots else "gta5"
   size, count = SOURCE_SIZES[source]
   config.data.source = dataset(source, roots, "train", "source", size, count)
   config.data.target = dataset("cityscapes", roots, "train", "target", (512, 1024), 2_975)
+  config.data.source.crop_size = size
+  config.data.target.crop_size = (512, 1024)
   config.data.eval = dataset("cityscapes", roots, "val", "target", (512, 1024), 500,
                              full_res_labels=True)

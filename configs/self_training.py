@@ -31,7 +31,8 @@ def get_config(arg: str | None = None):
   config.batch_size = 2
   config.num_train_steps = 250_000
   config.optim.seg.decay_steps = 250_000
-  config.data.crop_size = (512, 512)
+  config.data.crop_size = (512, 512)  # Both domains (ClassMix pastes source onto target).
+  config.data.source.crop_size = config.data.target.crop_size = ()
   config.data.augment.flip = True
   config.loss.aux_weights = (0.1,)
   config.adapt.method = "self_training"

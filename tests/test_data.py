@@ -79,6 +79,19 @@ def test_target_stream_has_no_labels_and_domains_advance_in_lockstep():
   assert batch["source"]["label"].shape == (8, 32, 64)
 
 
+def test_each_domain_can_have_its_own_crop_and_bad_crops_name_the_field():
+  config = test_config.get_config()
+  config.data.source.crop_size = (24, 40)
+  batch = next(iter(pipeline.train_dataset(config, with_target=True, process_index=0,
+                                           process_count=1)))
+  assert batch["source"]["image"].shape == (8, 24, 40, 3)
+  assert batch["source"]["label"].shape == (8, 24, 40)
+  assert batch["target"]["image"].shape == (8, 32, 64, 3)  # data.crop_size.
+  config.data.target.crop_size = (32,)
+  with pytest.raises(ValueError, match=r"data.target.crop_size must be \(height, width\)"):
+    pipeline.train_batches(config, with_target=True, process_index=0, process_count=1)
+
+
 def test_processes_read_their_slice_of_the_same_global_batches():
   config = test_config.get_config()
   whole = _take(iter(pipeline.train_dataset(config, with_target=True, process_index=0,

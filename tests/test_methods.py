@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import test as test_config
 from segjax import methods, parallel, steps, train
+from segjax.data import pipeline
 
 import uda_testing  # pylint: disable=wrong-import-order
 
@@ -19,6 +20,9 @@ NUM_CLASSES = 8
 VARIANTS = {
     "source_only": {"adapt.method": "source_only"},
     "adaptsegnet": {"adapt.method": "adaptsegnet"},
+    # The GTA5 recipes' shape: whole source images beside smaller target ones.
+    "adaptsegnet_crops": {"adapt.method": "adaptsegnet", "data.source.crop_size": (40, 72),
+                          "data.target.crop_size": (32, 48)},
     "adaptsegnet_ls": {"adapt.method": "adaptsegnet", "adapt.gan": "ls", "adapt.lambda_adv": 0.01},
     "adaptsegnet_multi": {"adapt.method": "adaptsegnet", "model.aux_head": True,
                           "loss.aux_weights": (0.1,), "adapt.lambda_adv_aux": 0.0002},
@@ -34,6 +38,7 @@ VARIANTS = {
 EXPECTED = {
     "source_only": ({"seg"}, {"loss_seg", "lr"}),
     "adaptsegnet": ({"seg", "disc"}, {"loss_seg", "loss_adv", "loss_disc", "lr"}),
+    "adaptsegnet_crops": ({"seg", "disc"}, {"loss_seg", "loss_adv", "loss_disc", "lr"}),
     "adaptsegnet_ls": ({"seg", "disc"}, {"loss_seg", "loss_adv", "loss_disc", "lr"}),
     "adaptsegnet_multi": ({"seg", "disc", "disc_aux"},
                           {"loss_seg", "loss_seg_aux1", "loss_adv", "loss_adv_aux", "loss_disc",
@@ -131,6 +136,13 @@ def test_method_config_errors_name_the_field(overrides, message):
     train.validate_config(config)
 
 
+def test_self_training_needs_one_crop_for_both_domains():
+  config = uda_testing.override(_config("self_training"), {"data.source.crop_size": (40, 72)})
+  with pytest.raises(ValueError, match=r"data.source.crop_size -> \(40, 72\).*"
+                                       r"data.target.crop_size -> \(32, 64\)"):
+    methods.build(config, NUM_CLASSES)
+
+
 def test_multi_level_needs_an_auxiliary_head():
   config = _config("adaptsegnet")
   config.adapt.lambda_adv_aux = 0.0002
@@ -192,5 +204,18 @@ def test_method_configs_run_built_in_by_default_and_take_gta5_or_synthia_roots(n
     train.validate_config(config)
     assert config.adapt.method == name and config.model.name == "deeplabv2_r101"
     assert config.data.source.name == source and config.data.eval.resize_labels is False
+    crops = tuple(pipeline.crop_size(config, domain) for domain in ("source", "target"))
+    # Whole resized images (AdaptSegNet, ADVENT); DACS crops both domains to 512x512.
+    assert crops == (((512, 512),) * 2 if name == "self_training" else
+                     ({"gta5": (720, 1280), "synthia": (760, 1280)}[source], (512, 1024)))
   with pytest.raises(ValueError, match="either gta5= or synthia="):
     module.get_config("gta5=/a,synthia=/b,cityscapes=/c")
+
+
+def test_discriminators_refuse_maps_too_small_for_their_five_strides():
+  from segjax.models import discriminators  # pylint: disable=import-outside-toplevel
+  for module in (discriminators.FCDiscriminator(width=4),
+                 discriminators.DepthwiseSeparableDiscriminator(width=4)):
+    module.init(jax.random.key(0), jax.numpy.zeros((1, 32, 40, 8)))  # The smallest map.
+    with pytest.raises(ValueError, match=r"at least 32x32 pixels.*got 24x48.*data.crop_size"):
+      module.init(jax.random.key(0), jax.numpy.zeros((1, 24, 48, 8)))

@@ -27,7 +27,9 @@ def _tiny_data_flags():
   for split in SPLITS:
     flags += [f"--config.data.{split}.height=97", f"--config.data.{split}.width=131",
               f"--config.data.{split}.num_examples=4"]
-  return flags
+  # Per-domain crops (the GTA5 recipes' whole 1280x720 source images), at a tiny size.
+  return flags + ["--config.data.source.crop_size=(97, 131)",
+                  "--config.data.target.crop_size=(81, 113)"]
 
 
 # (config, the segmenter it trains)

@@ -3,6 +3,8 @@
 import ml_collections
 import numpy as np
 
+from segjax.data import pipeline
+
 NUM_CLASSES = 8  # The built-in scenes' label space.
 
 
@@ -19,12 +21,13 @@ def override(config: ml_collections.ConfigDict, overrides) -> ml_collections.Con
 
 
 def random_batch(config: ml_collections.ConfigDict, n: int = 8, seed: int = 0) -> dict:
-  """Labelled source and unlabelled target images at the crop size; one image half ignored,
-  so devices see uneven numbers of labelled pixels."""
+  """Labelled source and unlabelled target images at each domain's crop size; one image half
+  ignored, so devices see uneven numbers of labelled pixels."""
   rng = np.random.default_rng(seed)
-  h, w = config.data.crop_size
+  h, w = pipeline.crop_size(config, "source")
   labels = rng.integers(0, NUM_CLASSES, (n, h, w)).astype(np.uint8)
   labels[0, :, : w // 2] = 255
+  th, tw = pipeline.crop_size(config, "target")
   return {"source": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
                      "label": labels},
-          "target": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)}}
+          "target": {"image": rng.integers(0, 256, (n, th, tw, 3), dtype=np.uint8)}}

@@ -40,9 +40,23 @@ def _as_source(element: dict) -> dict:
   return {"source": element}
 
 
-def _augmentation(config: ml_collections.ConfigDict) -> TrainAugment:
+def crop_size(config: ml_collections.ConfigDict, domain: str) -> tuple[int, int]:
+  """The training crop (height, width) of `domain` ('source' or 'target').
+
+  `data.<domain>.crop_size` when set (AdaptSegNet feeds the whole 1280x720 GTA5
+  image beside 1024x512 Cityscapes ones), else the shared `data.crop_size`.
+  """
+  own = tuple(config.data[domain].get("crop_size", ()) or ())
+  size = own or tuple(config.data.crop_size)
+  if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+    field = f"data.{domain}.crop_size" if own else "data.crop_size"
+    raise ValueError(f"{field} must be (height, width) in positive pixels, got {size}.")
+  return size
+
+
+def _augmentation(config: ml_collections.ConfigDict, domain: str) -> TrainAugment:
   aug = config.data.augment
-  return TrainAugment(crop_size=tuple(config.data.crop_size), scale_range=tuple(aug.scale_range),
+  return TrainAugment(crop_size=crop_size(config, domain), scale_range=tuple(aug.scale_range),
                       flip=aug.flip, brightness=aug.brightness, contrast=aug.contrast,
                       saturation=aug.saturation, hue=aug.hue)
 
@@ -65,14 +79,14 @@ def train_batches(config: ml_collections.ConfigDict, *, with_target: bool, proce
   `target_labels`, the target labels are the pseudo labels of
   `data.target.pseudo_labels`, augmented with their images.
   """
-  augment = _augmentation(config)
   source = _domain_stream(data.build_source(config.data.source, "data.source"),
-                          _stream_seed(config.seed, 0), augment)
+                          _stream_seed(config.seed, 0), _augmentation(config, "source"))
   if with_target:
     target_source = data.build_source(config.data.target, "data.target")
     if target_labels:
       target_source = pseudo_label_files.pseudo_labelled_target(config.data.target, target_source)
-    target = _domain_stream(target_source, _stream_seed(config.seed, 1), augment)
+    target = _domain_stream(target_source, _stream_seed(config.seed, 1),
+                            _augmentation(config, "target"))
     if not target_labels:
       target = target.map(_drop_label)
     ds = grain.experimental.ZipMapDataset(parents=[source, target]).map(_as_domains)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from segjax import losses, steps
+from segjax.data import pipeline
 from segjax.methods import base
 
 _RGB_TO_YIQ = jnp.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
@@ -114,6 +115,12 @@ class SelfTraining(base.Method):
         raise ValueError(f"adapt.{field}={adapt[field]} must be in [0, 1].")
     if self.ignore_top + self.ignore_bottom >= 1.0:
       raise ValueError("adapt.st_ignore_top + adapt.st_ignore_bottom must be below 1.")
+    crops = {domain: pipeline.crop_size(config, domain) for domain in ("source", "target")}
+    if crops["source"] != crops["target"]:
+      raise ValueError(f"self_training pastes source pixels onto target images (ClassMix), so "
+                       f"both domains need one crop size; got data.source.crop_size -> "
+                       f"{crops['source']} and data.target.crop_size -> {crops['target']}. "
+                       f"Set both to () to use data.crop_size.")
 
   def state_inits(self, rng, seg_init):
     def init_teacher():

@@ -23,6 +23,19 @@ class _Discriminator(nn.Module):
                param_dtype=layers.dtype_of(config.param_dtype))
 
 
+_STRIDES = 5  # The output-space discriminators' 4x4 stride-2 convolutions.
+
+
+def _check_input_size(x) -> None:
+  """Five stride-2 convolutions halve the map five times: below 32 pixels nothing is left."""
+  height, width = x.shape[1:3]
+  if min(height, width) < 2 ** _STRIDES:
+    raise ValueError(f"The output-space discriminator needs maps of at least "
+                     f"{2 ** _STRIDES}x{2 ** _STRIDES} pixels ({_STRIDES} stride-2 convolutions); "
+                     f"got {height}x{width}. It sees the segmenter's output at the training crop "
+                     f"(data.crop_size, or data.source/target.crop_size): raise it.")
+
+
 class FCDiscriminator(_Discriminator):
   """AdaptSegNet's fully-convolutional discriminator (Tsai et al., CVPR 2018).
 
@@ -33,6 +46,7 @@ class FCDiscriminator(_Discriminator):
   """
   @nn.compact
   def __call__(self, x):
+    _check_input_size(x)
     x = x.astype(self.dtype)
     conv = functools.partial(layers.conv, kernel_size=4, strides=2, padding=1, use_bias=True,
                              dtype=self.dtype, param_dtype=self.param_dtype,
@@ -53,6 +67,7 @@ class DepthwiseSeparableDiscriminator(_Discriminator):
   """
   @nn.compact
   def __call__(self, x):
+    _check_input_size(x)
     x = x.astype(self.dtype)
     for i, features in enumerate((self.width, 2 * self.width, 4 * self.width, 8 * self.width, 1)):
       x = nn.Conv(x.shape[-1], (4, 4), strides=2, padding=[(1, 1), (1, 1)],
