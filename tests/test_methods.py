@@ -2,6 +2,7 @@
 
 import functools
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import test as test_config
-from segjax import methods, parallel, steps, train
+from segjax import checkpointing, methods, parallel, steps, train
 from segjax.data import pipeline
 
 import uda_testing  # pylint: disable=wrong-import-order
@@ -58,7 +59,8 @@ def _config(variant: str):
 _batch = uda_testing.random_batch
 
 
-def _run(config, num_devices: int, num_steps: int = 2):
+def _setup(config, num_devices: int):
+  """(mesh, the initial states on the host, the data-parallel step, the global batch)."""
   mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
   states, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   method = methods.build(config, NUM_CLASSES)
@@ -67,9 +69,29 @@ def _run(config, num_devices: int, num_steps: int = 2):
   batch = _batch(config)
   if not method.uses_target:
     batch = {"source": batch["source"]}
+  return mesh, jax.device_get(states), step, parallel.to_global(batch, mesh)
+
+
+def _steps(mesh, initial, step, batch, num_steps: int = 2, between=None):
+  """`num_steps` steps from `initial`; `between(step number, states)` replaces the states after
+  each one. Returns the final states' arrays and the last metrics, on the host."""
+  states = jax.device_put(initial, parallel.replicated(mesh))
   for i in range(num_steps):
-    states, metrics = step(states, parallel.to_global(batch, mesh), jax.random.key(i))
+    states, metrics = step(states, batch, jax.random.key(i))
+    if between is not None:
+      states = between(i + 1, states)
   return jax.device_get(_arrays(states)), jax.device_get(metrics)
+
+
+def _run(config, num_devices: int, num_steps: int = 2):
+  return _steps(*_setup(config, num_devices), num_steps=num_steps)
+
+
+@functools.cache
+def _one_device(variant: str):
+  """The 1-device setup of `variant` and its two steps' states and metrics (compiled once)."""
+  setup = _setup(_config(variant), 1)
+  return setup, _steps(*setup)
 
 
 def _arrays(states: dict) -> dict:
@@ -86,9 +108,8 @@ SLOW_VARIANTS = ("adaptsegnet_ls", "adaptsegnet_multi")
 @pytest.mark.parametrize("variant", [
     pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v for v in sorted(VARIANTS)])
 def test_method_step_on_8_devices_equals_1_device(variant):
-  config = _config(variant)
-  states8, metrics8 = _run(config, 8)
-  states1, metrics1 = _run(config, 1)
+  states8, metrics8 = _run(_config(variant), 8)
+  _, (states1, metrics1) = _one_device(variant)
   assert set(metrics8) == set(metrics1)
   for key in metrics8:
     np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
@@ -97,6 +118,27 @@ def test_method_step_on_8_devices_equals_1_device(variant):
   assert all(np.isfinite(v) for v in metrics8.values())
   state_names, metric_names = EXPECTED[variant]
   assert set(states8) == state_names and set(metrics8) == metric_names
+
+
+def test_a_step_after_a_checkpoint_round_trip_continues_exactly(tmp_path):
+  """Every state (self_training's EMA teacher is a plain dict, not a TrainState) is saved and
+  restored, so the step after a resume is that of an uninterrupted run. (TrainStates alone:
+  the killed-and-resumed run of tests/test_main.py; mpl's: tests/test_mpl.py.)"""
+  setup, uninterrupted = _one_device("self_training")
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=1)
+  data_iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+
+  def save_and_restore(step_number, states):
+    if step_number > 1:
+      return states
+    ckpt.save(step_number, states, data_iterator)
+    ckpt.wait_until_finished()
+    return ckpt.restore(step_number, checkpointing.abstract_like(states), data_iterator)
+
+  resumed = _steps(*setup, between=save_and_restore)
+  ckpt.close()
+  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+  assert set(resumed[0]) == EXPECTED["self_training"][0]
 
 
 def test_adaptsegnet_method_equals_the_reference_step():
