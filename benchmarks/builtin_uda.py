@@ -11,7 +11,10 @@ wall time, and writes it beside the raw results (results.json). A finished run
 (its final_metrics.json exists) is not run again, so an interrupted benchmark
 resumes. `pseudo_label` is its three-stage pipeline: the `adapt` run of the
 same seed, `segjax.tools.make_pseudo_labels` from its final checkpoint, then
-the pseudo-label run; its wall time counts the last two stages.
+the pseudo-label run; its wall time counts the last two stages. The pseudo labels'
+precision and recall per class (`segjax.tools.score_pseudo_labels`, against the
+built-in target labels that training never reads) go to
+pseudo_labels_seed<S>_scores.json.
 """
 
 import argparse
@@ -37,6 +40,10 @@ def _pseudo_label_args(seed: int, out: str, extra: list[str]) -> list[str]:
     print("$", " ".join(cmd), flush=True)
     with open(os.path.join(out, f"pseudo_labels_seed{seed}.log"), "w", encoding="utf-8") as log:
       subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  scores = os.path.join(out, f"pseudo_labels_seed{seed}_scores.json")
+  if not os.path.exists(scores):  # Their precision and recall against the true target labels.
+    subprocess.run([sys.executable, "-m", "segjax.tools.score_pseudo_labels", f"--labels={labels}",
+                    f"--out={scores}"], check=True, stdout=subprocess.DEVNULL)
   return [f"--config.data.target.pseudo_labels={labels}"]
 
 
