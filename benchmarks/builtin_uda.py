@@ -11,7 +11,10 @@ wall time, and writes it beside the raw results (results.json). A finished run
 (its final_metrics.json exists) is not run again, so an interrupted benchmark
 resumes. `pseudo_label` is its three-stage pipeline: the `adapt` run of the
 same seed, `segjax.tools.make_pseudo_labels` from its final checkpoint, then
-the pseudo-label run; its wall time counts the last two stages. The pseudo labels'
+the pseudo-label run; its wall time counts the last two stages. `mpl` is the
+`adapt` run of the same seed, then MPL with that run's model as the teacher
+(`adapt.mpl_teacher_from`), as the real-time seed does; its wall time is the
+second stage's. The pseudo labels'
 precision and recall per class (`segjax.tools.score_pseudo_labels`, against the
 built-in target labels that training never reads) go to
 pseudo_labels_seed<S>_scores.json.
@@ -56,10 +59,11 @@ def run(name: str, seed: int, out: str, extra: list[str]) -> dict:
   else:
     start = time.monotonic()
     stage = []
-    if name == "pseudo_label":
+    if name in ("pseudo_label", "mpl"):  # Stages after the adversarial run, as in the seed.
       run("adapt", seed, out, extra)
       start = time.monotonic()
-      stage = _pseudo_label_args(seed, out, extra)
+      stage = (_pseudo_label_args(seed, out, extra) if name == "pseudo_label" else
+               [f"--config.adapt.mpl_teacher_from={os.path.join(out, f'adapt_seed{seed}')}"])
     cmd = [sys.executable, "-m", "segjax.main", f"--config=configs/{name}.py",
            f"--workdir={workdir}", f"--config.seed={seed}", *stage, *extra]
     print("$", " ".join(cmd), flush=True)

@@ -92,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
       # std (normalised units); the rate of the feedback's moving baseline.
       mpl_student_weight=1.0, mpl_uda_weight=1.0, mpl_uda_steps=0, mpl_noise_std=1.0,
       mpl_baseline_rate=0.01,
+      # The teacher starts as this run's segmenter ('WORKDIR[:latest|best|STEP]'; seed (c):
+      # the adversarially adapted model); "": its own initialisation.
+      mpl_teacher_from="",
       # pseudo_label (BDL, the real-time seed; CBST): the weight of the CE on the pseudo labels
       # of data.target.pseudo_labels, and how segjax.tools.make_pseudo_labels makes them:
       # thresholds "median" (capped at pl_cap) or "cbst" (class-balanced, at the portion

@@ -1,11 +1,21 @@
 """Meta Pseudo Labels (segjax.methods.mpl): a teacher trained by its student's feedback.
 
-  python -m segjax.main --config=configs/mpl.py --workdir=runs/mpl
+As the seed, after an adversarial run whose model becomes the teacher:
+
+  python -m segjax.main --config=configs/adapt.py --workdir=runs/adapt
+  python -m segjax.main --config=configs/mpl.py --workdir=runs/mpl \
+      --config.adapt.mpl_teacher_from=runs/adapt
+
+  python -m segjax.main --config=configs/bisenet_gta5_cityscapes.py:gta5=ROOT,cityscapes=ROOT \
+      --config.model.backbone_weights=resnet18.safetensors --config.disc.name=dsc \
+      --workdir=runs/bisenet_dsc
   python -m segjax.main --config=configs/mpl.py:gta5=ROOT,cityscapes=ROOT \
-      --config.model.backbone_weights=resnet18.safetensors --workdir=runs/mpl_gta5
+      --config.model.backbone_weights=resnet18.safetensors \
+      --config.adapt.mpl_teacher_from=runs/bisenet_dsc --workdir=runs/mpl_gta5
 
 Without roots: the built-in scenes with CompactSeg (as configs/adapt.py); the
-teacher has the student's optimizer (SGD 0.01, poly 0.9).
+teacher has the student's optimizer (SGD 0.01, poly 0.9). Without
+adapt.mpl_teacher_from the teacher starts from its own initialisation.
 
 With roots (gta5= or synthia=, and cityscapes=): seed (c)'s MPL run
 (UDA-REFERENCE.md 2f, `MPL.py`) on configs/bisenet_gta5_cityscapes.py: BiSeNet
@@ -22,10 +32,10 @@ source loss, minus its moving average) instead of the seed's H = eta_S x
 L_tgt x L_src x (exp(epoch / 40) - 1), which is always positive; no
 discriminators (the seed's student and teacher each add an adversarial term,
 lambda_adv 0.001); pseudo labels from the teacher's training-mode pass; the
-teacher starts from the ImageNet backbone (--config.model.backbone_weights
-loads into the student and the teacher) with its own head initialisation, not
-from an adapted checkpoint; the poly schedules decay every step, not every
-epoch. The seed's `MPL.py` passes --context_path resnet101:
+teacher's optimizer state starts fresh when it starts as the adapted model
+(--config.model.backbone_weights loads into the student, and into the teacher
+when adapt.mpl_teacher_from is unset); the poly schedules decay every step,
+not every epoch. The seed's `MPL.py` passes --context_path resnet101:
 --config.model.name=bisenet_r101 (with resnet101 weights) selects it.
 """
 

@@ -48,8 +48,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                             "is not a file.")
   if getattr(method, "disc_names", None):
     models.build_discriminator(config.disc, 1)
-  if config.get("init_from"):
-    init_from_step(config.init_from)
+  for field, source in segmenter_sources(method, config).values():
+    init_from_step(source, field)
   source_info = data.dataset_info(config.data.source, "data.source")
   for field in ("data.target", "data.eval"):
     info = data.dataset_info(config.data[field.split(".")[1]], field)
@@ -135,8 +135,8 @@ def parse_init_from(init_from: str) -> tuple[str, str]:
   return init_from, "latest"
 
 
-def init_from_step(init_from: str) -> tuple[str, int]:
-  """The workdir and checkpoint step config.init_from names; CheckpointError naming it if none."""
+def init_from_step(init_from: str, field: str = "config.init_from") -> tuple[str, int]:
+  """The workdir and checkpoint step `init_from` names; CheckpointError naming `field` if none."""
   workdir, choice = parse_init_from(init_from)
   try:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1,
@@ -146,29 +146,56 @@ def init_from_step(init_from: str) -> tuple[str, int]:
     finally:
       ckpt.close()
   except checkpointing.CheckpointError as e:
-    raise checkpointing.CheckpointError(f"config.init_from={init_from!r}: {e}") from e
+    raise checkpointing.CheckpointError(f"{field}={init_from!r}: {e}") from e
+
+
+def segmenter_sources(method, config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
+  """The states that start as another run's segmenter: {state: (config field, its value)}.
+
+  config.init_from for the segmenter 'seg'; a method may name more (MPL's
+  teacher: adapt.mpl_teacher_from). Unset fields are left out.
+  """
+  sources = {"seg": ("config.init_from", config.get("init_from", "")),
+             **method.segmenter_sources}
+  return {name: source for name, source in sources.items() if source[1]}
+
+
+def initialise_segmenters(states: dict, method, config: ml_collections.ConfigDict,
+                          num_classes: int, mesh) -> dict:
+  """A fresh run's segmenters: backbone weights in each (`method.pretrained_states`), then
+  those with a source (`segmenter_sources`) replaced by that run's segmenter."""
+  states = dict(states)
+  if config.model.backbone_weights:
+    for name in method.pretrained_states:
+      states[name] = load_backbone_weights(states[name], config.model, mesh)
+  for name, (field, source) in segmenter_sources(method, config).items():
+    states[name] = init_segmenter_from(states[name], config, num_classes, mesh, source, field)
+  return states
 
 
 def init_segmenter_from(seg_state: steps.TrainState, config: ml_collections.ConfigDict,
-                        num_classes: int, mesh) -> steps.TrainState:
-  """`seg_state` with the parameters and BatchNorm statistics of config.init_from's segmenter.
+                        num_classes: int, mesh, init_from: str | None = None,
+                        field: str = "config.init_from") -> steps.TrainState:
+  """`seg_state` with the parameters and BatchNorm statistics of the segmenter of `init_from`
+  ('WORKDIR[:latest|best|STEP]'; default config.init_from), `field` naming it in errors.
 
   The other run must have trained the same model with the same kind of
   optimizer (the restore target is this config's segmenter state); the
   optimizer state and the step stay those of a fresh run.
   """
-  workdir, step = init_from_step(config.init_from)
+  init_from = config.init_from if init_from is None else init_from
+  workdir, step = init_from_step(init_from, field)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1,
                                     read_only=True)
   try:
     restored = ckpt.restore_states(step, {"seg": abstract_seg_state(config, num_classes, mesh)})
   except ValueError as e:
-    raise ValueError(f"config.init_from={config.init_from!r}: the segmenter of step {step} in "
+    raise ValueError(f"{field}={init_from!r}: the segmenter of step {step} in "
                      f"{workdir} does not fit this config's model ({config.model.name}) and "
                      f"optimizer ({config.optim.seg.get('name', 'sgd')}): {e}") from e
   finally:
     ckpt.close()
-  logging.info("Initialised the segmenter from step %d of %s (config.init_from).", step, workdir)
+  logging.info("Initialised a segmenter from step %d of %s (%s).", step, workdir, field)
   return seg_state.replace(params=restored["seg"].params,
                            batch_stats=restored["seg"].batch_stats)
 
@@ -274,11 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Resumed from the checkpoint at step %d in %s.", start_step, workdir)
   else:
     logging.info("No checkpoint in %s: training from scratch.", workdir)
-    if config.get("init_from"):  # A whole segmenter: backbone_weights would be overwritten.
-      states["seg"] = init_segmenter_from(states["seg"], config, info.num_classes, mesh)
-    elif config.model.backbone_weights:
-      for name in method.pretrained_states:  # Every segmenter of the method (MPL: two).
-        states[name] = load_backbone_weights(states[name], config.model, mesh)
+    states = initialise_segmenters(states, method, config, info.num_classes, mesh)
     if is_primary:
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))

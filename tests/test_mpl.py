@@ -260,6 +260,36 @@ def test_a_step_after_a_checkpoint_round_trip_continues_exactly(one_device_run, 
                (uninterrupted, metrics))
 
 
+def test_the_teacher_can_start_as_another_runs_segmenter(tmp_path):
+  """adapt.mpl_teacher_from (seed (c): the adapted model) replaces the teacher's variables; the
+  student, the optimizer states and the steps stay a fresh run's."""
+  config, mesh = _config(), _mesh(1)
+  method = methods.build(config, NUM_CLASSES)
+  other, _ = train.create_states(config, jax.random.key(1), NUM_CLASSES, mesh)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=1)
+  ckpt.save(3, other, iter(grain.MapDataset.range(4).to_iter_dataset()))
+  ckpt.wait_until_finished()
+  ckpt.close()
+  fresh, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  assert train.initialise_segmenters(fresh, method, config, NUM_CLASSES, mesh) == fresh
+
+  config.adapt.mpl_teacher_from = f"{tmp_path}:latest"
+  started = jax.device_get(train.initialise_segmenters(fresh, method, config, NUM_CLASSES, mesh))
+  jax.tree.map(np.testing.assert_array_equal,
+               (started["teacher"].params, started["teacher"].batch_stats),
+               jax.device_get((other["seg"].params, other["seg"].batch_stats)))
+  jax.tree.map(np.testing.assert_array_equal, _arrays({"seg": started["seg"]}),
+               jax.device_get(_arrays({"seg": fresh["seg"]})))
+  jax.tree.map(np.testing.assert_array_equal, started["teacher"].opt_state,
+               jax.device_get(fresh["teacher"].opt_state))
+  assert int(started["teacher"].step) == 0
+
+  config.adapt.mpl_teacher_from = str(tmp_path / "nothing")
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"config.adapt.mpl_teacher_from='.*nothing': No checkpoint"):
+    train.validate_config(config)
+
+
 # ---- Pieces and configuration.
 
 def test_uda_ramp_and_baseline_update():

@@ -33,6 +33,12 @@ class Method:
     return {"seg": seg_init}
 
   @property
+  def segmenter_sources(self) -> dict[str, tuple[str, str]]:
+    """Segmenters besides 'seg' (config.init_from) that can start as another run's:
+    {state: (config field, 'WORKDIR[:latest|best|STEP]' or '')}."""
+    return {}
+
+  @property
   def schedules(self) -> dict[str, optax.Schedule]:
     return {"seg": self.seg_lr}
 

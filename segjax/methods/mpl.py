@@ -81,8 +81,10 @@ no discriminator and y_hat comes from the teacher's training-mode pass that the
 adds the UDA term on half of the steps (weight 1); here every image has its
 own rectangle on every step (configs/mpl.py weights it 0.5, the seed's
 expectation). The seed's teacher starts from its adapted (adversarial)
-checkpoint; here from its own random initialisation (the training loop loads
-model.backbone_weights into the student only).
+checkpoint: adapt.mpl_teacher_from=WORKDIR[:latest|best|STEP] does the same
+(the teacher's variables become that run's segmenter's; its optimizer state
+and step start fresh); unset, the teacher has its own initialisation (with
+model.backbone_weights, like the student).
 """
 
 import jax
@@ -165,6 +167,10 @@ class MetaPseudoLabels(base.Method):
       return {"baseline": jnp.zeros((), jnp.float32)}
 
     return {"seg": seg_init, "teacher": init_teacher, "mpl": init_feedback}
+
+  @property
+  def segmenter_sources(self):
+    return {"teacher": ("config.adapt.mpl_teacher_from", self.config.adapt.mpl_teacher_from)}
 
   @property
   def schedules(self):
