@@ -24,14 +24,14 @@ ResNet-18, GTA5 resized to 1280x720 (SYNTHIA 1280x760) and Cityscapes to
 epochs of Cityscapes (37,200 steps); student SGD lr 2.5e-4, teacher SGD lr
 1.25e-2, both momentum 0.9, weight decay 1e-4, poly 0.9; the teacher's noise
 term (N(0, 1) on a random rectangle) weighted 0.5, the seed's expectation (it
-adds it with weight 1 on half of the steps).
+adds it with weight 1 on half of the steps); student and teacher each fool
+their own output-space discriminator (config.disc, Adam 1e-4) with lambda_adv
+0.001.
 
 Differences from the seed (see segjax/methods/mpl.py): the teacher's pseudo-label
 term is weighted by the MPL feedback h - b (the change of the student's
 source loss, minus its moving average) instead of the seed's H = eta_S x
-L_tgt x L_src x (exp(epoch / 40) - 1), which is always positive; no
-discriminators (the seed's student and teacher each add an adversarial term,
-lambda_adv 0.001); pseudo labels from the teacher's training-mode pass; the
+L_tgt x L_src x (exp(epoch / 40) - 1), which is always positive; pseudo labels from the teacher's training-mode pass; the
 teacher's optimizer state starts fresh when it starts as the adapted model
 (--config.model.backbone_weights loads into the student, and into the teacher
 when adapt.mpl_teacher_from is unset); the poly schedules decay every step,
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None):
   config.optim.teacher.update(name="sgd", lr=1.25e-2, momentum=0.9, weight_decay=1e-4,
                               power=0.9)
   config.adapt.method = "mpl"
-  config.adapt.lambda_adv = 0.0
+  config.adapt.lambda_adv = 0.001  # Student and teacher, each with its discriminator.
   config.adapt.mpl_student_weight = 1.0
   config.adapt.mpl_uda_weight = 0.5
   config.adapt.mpl_uda_steps = 0

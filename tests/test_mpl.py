@@ -20,9 +20,11 @@ from segjax.methods import mpl
 import uda_testing  # pylint: disable=wrong-import-order
 
 NUM_CLASSES = 8
-STATE_NAMES = {"seg", "teacher", "mpl"}
+# The test config has lambda_adv > 0: the seed's discriminators of student and teacher.
+STATE_NAMES = {"seg", "teacher", "mpl", "disc", "disc_teacher"}
 METRIC_NAMES = {"loss_seg", "loss_pl", "mpl_feedback", "mpl_baseline", "loss_teacher_sup",
-                "loss_teacher_uda", "loss_teacher_mpl", "lr", "lr_teacher"}
+                "loss_teacher_uda", "loss_teacher_mpl", "lr", "lr_teacher", "loss_adv",
+                "loss_teacher_adv", "loss_disc", "loss_disc_teacher"}
 
 
 def _mesh(num_devices: int) -> Mesh:
@@ -104,6 +106,7 @@ def _toy_method():
   config.adapt.method = "mpl"
   config.adapt.mpl_student_weight = 2.0  # Pseudo labels outweigh the source labels.
   config.adapt.mpl_uda_weight = 0.0
+  config.adapt.lambda_adv = 0.0  # The feedback alone: no discriminators.
   config.data.mean, config.data.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
   return methods.build(config, 2)
 
@@ -263,14 +266,15 @@ def test_a_step_after_a_checkpoint_round_trip_continues_exactly(one_device_run, 
 def test_the_teacher_can_start_as_another_runs_segmenter(tmp_path):
   """adapt.mpl_teacher_from (seed (c): the adapted model) replaces the teacher's variables; the
   student, the optimizer states and the steps stay a fresh run's."""
-  config, mesh = _config(), _mesh(1)
+  config, mesh = uda_testing.override(_config(), {"adapt.lambda_adv": 0.0}), _mesh(1)
   method = methods.build(config, NUM_CLASSES)
-  other, _ = train.create_states(config, jax.random.key(1), NUM_CLASSES, mesh)
+  fresh, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  # Another run's segmenter: different values, the same structure.
+  other = {"seg": jax.tree.map(lambda x: x + 1, fresh["seg"])}
   ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=1)
   ckpt.save(3, other, iter(grain.MapDataset.range(4).to_iter_dataset()))
   ckpt.wait_until_finished()
   ckpt.close()
-  fresh, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   assert train.initialise_segmenters(fresh, method, config, NUM_CLASSES, mesh) == fresh
 
   config.adapt.mpl_teacher_from = f"{tmp_path}:latest"
@@ -318,6 +322,8 @@ def test_noise_covers_one_rectangle_and_std_zero_is_identity():
     ({"adapt.mpl_baseline_rate": 0.0}, "adapt.mpl_baseline_rate=0.0"),
     ({"adapt.mpl_uda_weight": -1.0}, "adapt.mpl_uda_weight=-1.0"),
     ({"optim.teacher.name": "rmsprop"}, "optim.teacher.name"),
+    ({"adapt.lambda_adv": -0.1}, "adapt.lambda_adv=-0.1"),
+    ({"adapt.lambda_ent": 0.001}, "adapt.lambda_ent=0.001: mpl's adversarial terms"),
 ])
 def test_config_errors_name_the_field(overrides, message):
   config = uda_testing.override(_config(), overrides)
@@ -336,5 +342,19 @@ def test_config_runs_built_in_by_default_and_takes_gta5_or_synthia_roots():
     assert config.data.source.name == source and tuple(config.data.source.resize) == size
     assert config.data.target.name == "cityscapes" and config.data.eval.name == "cityscapes"
     assert config.optim.seg.lr == 2.5e-4 and config.optim.teacher.lr == 1.25e-2
+    assert config.adapt.lambda_adv == 0.001  # The seed's, for student and teacher.
     config.batch_size = config.eval_batch_size = 8  # 4 would not split over 8 devices.
     train.validate_config(config)
+
+
+@pytest.mark.slow  # A variant of the step the 8-device test covers; benchmarks/slow_tests.py.
+def test_without_lambda_adv_there_are_no_discriminators():
+  config = uda_testing.override(_config(), {"adapt.lambda_adv": 0.0})
+  mesh = _mesh(1)
+  states, schedules = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  assert set(states) == set(schedules) | {"mpl"} == {"seg", "teacher", "mpl"}
+  states, metrics = _step_fn(methods.build(config, NUM_CLASSES), mesh)(
+      states, parallel.to_global(_batch(config), mesh), jax.random.key(0))
+  assert set(metrics) == METRIC_NAMES - {"loss_adv", "loss_teacher_adv", "loss_disc",
+                                         "loss_disc_teacher"}
+  assert all(np.isfinite(v) for v in jax.device_get(metrics).values())

@@ -3,13 +3,16 @@
 Three states: 'seg', the student (the network evaluated and reported);
 'teacher', a segmenter of the same architecture with its own optimizer
 (`optim.teacher`) and its own initialisation; 'mpl', the moving baseline of the
-feedback ({'baseline': float32 scalar}, starting at 0). One step, with the
-source batch as the labelled data (x_l, y_l) and the target batch as the
-unlabelled data x_u:
+feedback ({'baseline': float32 scalar}, starting at 0). With lambda_adv > 0,
+as in seed (c), two more: 'disc' and 'disc_teacher', the output-space
+discriminators of the student and of the teacher (AdaptSegNet's, on softmax
+maps). One step, with the source batch as the labelled data (x_l, y_l) and
+the target batch as the unlabelled data x_u:
   1. The teacher (training mode) segments x_u; the pseudo labels y_hat are its
      argmax (hard, no gradient, no threshold).
   2. The student minimises its source loss (every head) + mpl_student_weight x
-     the same loss of its target outputs against y_hat, one optimizer step.
+     the same loss of its target outputs against y_hat (+ lambda_adv x its
+     adversarial term, 'disc' fixed), one optimizer step.
      Its labelled loss before the step, CE_l(old), is the plain CE of the main
      head in that step's source pass.
   3. CE_l(new): the same CE, of the updated student, on the same source batch.
@@ -18,11 +21,14 @@ unlabelled data x_u:
      (the official `moving_dot_product`, rate 0.01).
   5. The teacher minimises its source loss (every head)
        + mpl_uda_weight min(1, t / mpl_uda_steps) x UDA
-       + (h - b) x CE(y_hat, teacher(x_u)),
+       + (h - b) x CE(y_hat, teacher(x_u))
+       (+ lambda_adv x its adversarial term on x_u, 'disc_teacher' fixed),
      UDA being the seed's term: the teacher's loss (every head) on x_u with
      Gaussian noise (std mpl_noise_std, normalised units) on a random
      rectangle of each image, against its own clean pseudo labels y_hat (a
      consistency term), and t the step from 0. The (h - b) term uses the main head, which y_hat comes from.
+  6. Each discriminator learns to tell its segmenter's stop-gradient source
+     and target softmax maps apart (`output_space.disc_update`).
 
 Both labelled losses are taken in training mode (batch statistics, the same
 dropout key), so h measures the change of the parameters and nothing else: in
@@ -73,11 +79,9 @@ UDA-REFERENCE.md 2f): the seed scales its teacher term by H = eta_S x
 L_tgt x L_src x alpha, a product of the student's losses that is always
 positive (so it only ever reinforces the teacher's pseudo labels), with the
 heuristic alpha = exp(epoch / 40) - 1 (1 / H at epoch 0, 1 after epoch 25);
-here by the MPL feedback h - b, which can be negative. The seed's student
-and teacher each add an adversarial term with their own discriminators, and
-its pseudo labels are the teacher's inference-mode predictions; here there is
-no discriminator and y_hat comes from the teacher's training-mode pass that the
-(h - b) term differentiates. The seed draws one noise rectangle per batch and
+here by the MPL feedback h - b, which can be negative. The seed's pseudo
+labels are the teacher's inference-mode predictions; here y_hat comes from the
+teacher's training-mode pass that the (h - b) term differentiates. The seed draws one noise rectangle per batch and
 adds the UDA term on half of the steps (weight 1); here every image has its
 own rectangle on every step (configs/mpl.py weights it 0.5, the seed's
 expectation). The seed's teacher starts from its adapted (adversarial)
@@ -92,7 +96,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from segjax import losses, models, optim, steps
-from segjax.methods import base
+from segjax.methods import base, output_space
 
 
 def feedback(ce_old: jax.Array, ce_new: jax.Array) -> jax.Array:
@@ -151,6 +155,17 @@ class MetaPseudoLabels(base.Method):
                        f"expected one of {list(optim.OPTIMIZERS)}.")
     self.teacher_tx, self.teacher_lr = optim.segmenter_optimizer(config.optim.teacher,
                                                                  config.num_train_steps)
+    self.lambda_adv = adapt.lambda_adv
+    if self.lambda_adv < 0:
+      raise ValueError(f"adapt.lambda_adv={self.lambda_adv} must be >= 0.")
+    for field in ("lambda_adv_aux", "lambda_ent", "lambda_ent_aux"):
+      if adapt.get(field, 0.0):
+        raise ValueError(f"adapt.{field}={adapt[field]}: mpl's adversarial terms are on the "
+                         "main head's softmax only (as the seed's); set it to 0.")
+    self.gan = losses.gan_loss(adapt.get("gan", "vanilla"))
+    # The student's discriminator and the teacher's; read by train.validate_config.
+    self.disc_names = ({"student": "disc", "teacher": "disc_teacher"} if self.lambda_adv > 0
+                       else {})
 
   def state_inits(self, rng, seg_init):
     model = models.build_segmenter(self.config.model, self.num_classes)
@@ -166,7 +181,11 @@ class MetaPseudoLabels(base.Method):
     def init_feedback():
       return {"baseline": jnp.zeros((), jnp.float32)}
 
-    return {"seg": seg_init, "teacher": init_teacher, "mpl": init_feedback}
+    inits = {"seg": seg_init, "teacher": init_teacher, "mpl": init_feedback}
+    for i, name in enumerate(self.disc_names.values()):
+      inits[name] = self.discriminator_init(jax.random.fold_in(rng, i + 1),
+                                            (1, height, width, self.num_classes))
+    return inits
 
   @property
   def segmenter_sources(self):
@@ -174,7 +193,21 @@ class MetaPseudoLabels(base.Method):
 
   @property
   def schedules(self):
-    return {"seg": self.seg_lr, "teacher": self.teacher_lr}
+    return {"seg": self.seg_lr, "teacher": self.teacher_lr,
+            **{name: self.disc_schedule for name in self.disc_names.values()}}
+
+  def _adversarial(self, states: dict, who: str, src_logits, tgt_logits, axis_name: str):
+    """`who`'s adversarial loss on its target softmax (its discriminator fixed) and the
+    stop-gradient maps its discriminator learns from; (0, None) without discriminators."""
+    if not self.disc_names:
+      return jnp.zeros((), jnp.float32), None
+    disc = states[self.disc_names[who]]
+    tgt_in = jax.nn.softmax(tgt_logits.astype(jnp.float32), axis=-1)
+    adv = base.global_mean(self.gan(disc.apply_fn({"params": disc.params}, tgt_in),
+                                    output_space.SOURCE_DOMAIN), axis_name)
+    maps = {"source": jax.lax.stop_gradient(jax.nn.softmax(src_logits.astype(jnp.float32), -1)),
+            "target": jax.lax.stop_gradient(tgt_in)}
+    return adv, maps
 
   def _noisy(self, images: jax.Array, rng: jax.Array, axis_name: str) -> jax.Array:
     """Each image with its rectangle of noise, keyed by its index in the global batch."""
@@ -207,9 +240,11 @@ class MetaPseudoLabels(base.Method):
       pseudo_ce = base.global_mean(losses.cross_entropy(tgt_out["logits"], pseudo), axis_name)
       noisy_out, stats = base.segment(teacher, params, stats, noisy_images, keys[2])
       uda, _ = self.source_loss(noisy_out, pseudo, axis_name)
-      return (sup, uda, pseudo_ce), (pseudo, stats)
+      adv, maps = self._adversarial(states, "teacher", src_out["logits"], tgt_out["logits"],
+                                    axis_name)
+      return (sup, uda, pseudo_ce, adv), (pseudo, stats, maps)
 
-    (t_sup, t_uda, t_pseudo), teacher_vjp, (pseudo, t_stats) = jax.vjp(
+    (t_sup, t_uda, t_pseudo, t_adv), teacher_vjp, (pseudo, t_stats, t_maps) = jax.vjp(
         teacher_terms, teacher.params, has_aux=True)
 
     # 2. The student's step on source labels and pseudo labels.
@@ -220,9 +255,15 @@ class MetaPseudoLabels(base.Method):
       tgt_out, stats = base.segment(student, params, stats, tgt_images, keys[4])
       loss_pl, pl_parts = self.source_loss(tgt_out, pseudo, axis_name)
       parts["loss_pl"] = pl_parts["loss_seg"]
-      return loss + self.student_weight * loss_pl, (stats, parts, ce_old)
+      adv, maps = self._adversarial(states, "student", src_out["logits"], tgt_out["logits"],
+                                    axis_name)
+      if maps is not None:
+        parts["loss_adv"] = adv
+      loss = loss + self.student_weight * loss_pl + self.lambda_adv * adv
+      return loss, (stats, parts, ce_old, maps)
 
-    grads, (s_stats, parts, ce_old) = jax.grad(student_loss, has_aux=True)(student.params)
+    grads, (s_stats, parts, ce_old, s_maps) = jax.grad(student_loss, has_aux=True)(
+        student.params)
     new_student = base.apply_seg_gradients(student, grads, s_stats, axis_name)
 
     # 3-4. The feedback: the change of the labelled loss (same batch, mode and dropout key).
@@ -232,12 +273,22 @@ class MetaPseudoLabels(base.Method):
 
     # 5. The teacher's step.
     uda_weight = self.uda_weight * uda_ramp(teacher.step, self.uda_steps)
-    (t_grads,) = teacher_vjp((jnp.ones_like(t_sup), uda_weight, centred))
+    (t_grads,) = teacher_vjp((jnp.ones_like(t_sup), uda_weight, centred,
+                              jnp.asarray(self.lambda_adv, jnp.float32)))
     new_teacher = base.apply_seg_gradients(teacher, t_grads, t_stats, axis_name)
     new_feedback = {"baseline": update_baseline(baseline, h, self.baseline_rate)}
+    new_states = {"seg": new_student, "teacher": new_teacher, "mpl": new_feedback}
+
+    # 6. The discriminators.
+    if self.disc_names:
+      parts["loss_teacher_adv"] = t_adv
+      for who, maps in (("student", s_maps), ("teacher", t_maps)):
+        name = self.disc_names[who]
+        new_states[name], parts[f"loss_{name}"] = output_space.disc_update(
+            states[name], maps, self.gan, axis_name)
 
     # mpl_baseline is the b this step used; loss_teacher_uda and _mpl are unweighted.
     metrics = dict(parts, mpl_feedback=h, mpl_baseline=baseline, loss_teacher_sup=t_sup,
                    loss_teacher_uda=t_uda, loss_teacher_mpl=t_pseudo,
                    lr=self.seg_lr(student.step), lr_teacher=self.teacher_lr(teacher.step))
-    return {"seg": new_student, "teacher": new_teacher, "mpl": new_feedback}, metrics
+    return new_states, metrics
