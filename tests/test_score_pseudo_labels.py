@@ -27,11 +27,13 @@ def test_confusion_and_scores_on_a_hand_made_label():
   record = score_pseudo_labels.scores(counts, NAMES)
   assert record["pixels"] == 6 and record["coverage"] == pytest.approx(4 / 6)
   assert record["accuracy"] == pytest.approx(2 / 4)
-  assert record["classes"]["a"] == pytest.approx(
-      {"labelled": 2 / 6, "precision": 1 / 2, "recall": 1 / 2})
-  assert record["classes"]["b"] == pytest.approx(
-      {"labelled": 2 / 6, "precision": 1 / 2, "recall": 1 / 2})
-  assert record["classes"]["c"] == {"labelled": 0.0, "precision": None, "recall": 0.0}
+  a, b, c = (record["classes"][name] for name in NAMES)
+  assert (a["labelled"], a["precision"], a["recall"]) == pytest.approx((2 / 6, 1 / 2, 1 / 2))
+  assert (b["labelled"], b["precision"], b["recall"]) == pytest.approx((2 / 6, 1 / 2, 1 / 2))
+  assert (c["labelled"], c["precision"], c["recall"]) == (0.0, None, 0.0)
+  assert a["mistaken"] == {"class": "b", "share": 0.5} and b["mistaken"] is None
+  assert c["mistaken"] == {"class": "a", "share": 0.5}
+  assert record["confusion"] == counts.tolist()
   with pytest.raises(data.DataError, match="a true label above 2"):
     score_pseudo_labels.confusion(np.array([[3]], np.uint8), np.array([[0]], np.uint8), 3)
 
@@ -78,6 +80,9 @@ def test_scores_a_folder_against_its_target_set(tmp_path):
       np.sum(np.concatenate([t.ravel() for t in truths[2:]]) == 0)
       / sum(np.sum(t == 0) for t in truths))
   assert record["classes"][names[1]]["precision"] < 1.0
+  assert record["classes"][names[0]]["mistaken"] == {"class": names[1],
+                                                     "share": pytest.approx(roads / sum(
+                                                         np.sum(t == 0) for t in truths))}
 
 
 def test_the_command_writes_json_and_refuses_an_incomplete_folder(tmp_path, cache_dir):

@@ -13,9 +13,12 @@ left out, and per class c:
   precision  the share of those whose true label is c
   recall     the share of the pixels truly c that are pseudo-labelled c
              (an ignored pseudo label counts as a miss)
+  mistaken   the other class most often given to pixels truly c, and the
+             share of those pixels it got
 
 and overall the coverage (the share of pixels given a pseudo label) and the
-accuracy of the labelled ones. With --out the scores are written as JSON
+accuracy of the labelled ones; the JSON also holds the whole confusion
+(counts[true class][pseudo label], the last column ignored). With --out the scores are written as JSON
 (atomically). Exit status 1 when the folder is incomplete or the target set
 has no labels.
 """
@@ -59,14 +62,25 @@ def scores(counts: np.ndarray, class_names) -> dict:
   correct = np.diag(counts[:, :num_classes])
   truly = counts.sum(axis=1)
   ratio = lambda a, b: float(a / b) if b else None  # None: nothing to measure.
+
+  def mistaken(c: int) -> dict | None:
+    wrong = counts[c, :num_classes].copy()
+    wrong[c] = 0
+    if not wrong.any():
+      return None
+    other = int(np.argmax(wrong))
+    return {"class": class_names[other], "share": ratio(wrong[other], truly[c])}
+
   return {
       "classes": {name: {"labelled": ratio(labelled[c], total),
                          "precision": ratio(correct[c], labelled[c]),
-                         "recall": ratio(correct[c], truly[c])}
+                         "recall": ratio(correct[c], truly[c]),
+                         "mistaken": mistaken(c)}
                   for c, name in enumerate(class_names)},
       "coverage": ratio(labelled.sum(), total),
       "accuracy": ratio(correct.sum(), labelled.sum()),
       "pixels": int(total),
+      "confusion": counts.tolist(),
   }
 
 
@@ -103,9 +117,12 @@ def format_table(record: dict) -> str:
   show = lambda v: f"{100 * v:10.1f}" if v is not None else f"{'-':>10}"
   lines = [f"{record['labels']}: {record['num_images']} images; coverage "
            f"{100 * record['coverage']:.1f}% of the pixels, accuracy {100 * record['accuracy']:.1f}%",
-           f"  {'class':<16}{'labelled %':>10}{'precision':>10}{'recall':>10}"]
+           f"  {'class':<16}{'labelled %':>10}{'precision':>10}{'recall':>10}   mistaken for"]
   for name, c in record["classes"].items():
-    lines.append(f"  {name:<16}{show(c['labelled'])}{show(c['precision'])}{show(c['recall'])}")
+    wrong = (f"{c['mistaken']['class']} ({100 * c['mistaken']['share']:.1f}%)"
+             if c["mistaken"] else "-")
+    lines.append(f"  {name:<16}{show(c['labelled'])}{show(c['precision'])}{show(c['recall'])}"
+                 f"   {wrong}")
   return "\n".join(lines)
 
 
