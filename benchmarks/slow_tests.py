@@ -4,8 +4,10 @@
 
 Runs `pytest -m slow` on the 8 fake CPU devices of the test suite and prints
 each test's outcome and duration: the R101 paper configs end to end, the
-AdaptSegNet variants' data-parallel equivalence, BiSeNet-R101 at an odd size,
-per-device BatchNorm, the pseudo-label step without labelled pixels.
+AdaptSegNet variants' data-parallel equivalence and the method against the
+reference step, BiSeNet-R101 at an odd size, per-device BatchNorm, the
+pseudo-label step without labelled pixels or without a discriminator, MPL
+without discriminators.
 """
 
 import os

@@ -447,7 +447,10 @@ def _run_steps(config, num_devices, batch, num_steps=2):
   return jax.device_get(arrays), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", [
+    # Without the discriminator, a subset of the adversarial variant: benchmarks/slow_tests.py.
+    pytest.param(v, marks=pytest.mark.slow) if v == "self_training" else v
+    for v in sorted(VARIANTS)])
 def test_method_step_on_8_devices_equals_1_device(variant):
   overrides, state_names, metric_names = VARIANTS[variant]
   config = _method_config(overrides)
