@@ -101,8 +101,9 @@ def table(results: dict, seeds: list[int]) -> str:
     per_class = [100 * np.mean([r["metrics"][f"eval/iou/{c}"] for r in runs]) for c in names]
     # The fastest seed: the least disturbed by anything else running on the machine.
     wall = min(r["wall_seconds"] for r in runs) / 60
-    lines.append(f"| {name} | {miou.mean():.1f} ± {miou.std(ddof=1) if len(runs) > 1 else 0:.1f}"
-                 f" ({', '.join(f'{m:.1f}' for m in miou)}) | {acc.mean():.1f} | "
+    spread = (f"{miou.mean():.1f} ± {miou.std(ddof=1):.1f} ({', '.join(f'{m:.1f}' for m in miou)})"
+              if len(runs) > 1 else f"{miou[0]:.1f}")
+    lines.append(f"| {name} | {spread} | {acc.mean():.1f} | "
                  + " | ".join(f"{v:.1f}" for v in per_class) + f" | {wall:.1f} min |")
   lines.append(f"\nSeeds {seeds}; ± is the sample standard deviation over seeds; per-class IoU "
                "and pixel accuracy are means over seeds. Wall time: one whole run (compile and "
