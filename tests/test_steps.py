@@ -117,6 +117,7 @@ def test_discriminator_update_leaves_segmenter_untouched():
                             jax.device_get(disc.params["Conv_0"]["kernel"]))
 
 
+@pytest.mark.slow  # The reference step's composition; CI tests the methods' steps.
 def test_train_step_is_segmenter_then_discriminator_update():
   """(a) uses the old discriminator; (b) the softmax maps of the old segmenter."""
   setup = _setup(1)
