@@ -201,13 +201,9 @@ class MetaPseudoLabels(base.Method):
     stop-gradient maps its discriminator learns from; (0, None) without discriminators."""
     if not self.disc_names:
       return jnp.zeros((), jnp.float32), None
-    disc = states[self.disc_names[who]]
-    tgt_in = jax.nn.softmax(tgt_logits.astype(jnp.float32), axis=-1)
-    adv = base.global_mean(self.gan(disc.apply_fn({"params": disc.params}, tgt_in),
-                                    output_space.SOURCE_DOMAIN), axis_name)
-    maps = {"source": jax.lax.stop_gradient(jax.nn.softmax(src_logits.astype(jnp.float32), -1)),
-            "target": jax.lax.stop_gradient(tgt_in)}
-    return adv, maps
+    softmax = lambda logits: jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return output_space.adversarial(states[self.disc_names[who]], softmax(src_logits),
+                                    softmax(tgt_logits), self.gan, axis_name)
 
   def _noisy(self, images: jax.Array, rng: jax.Array, axis_name: str) -> jax.Array:
     """Each image with its rectangle of noise, keyed by its index in the global batch."""

@@ -43,6 +43,15 @@ def level_logits(outputs: dict, level: str) -> jax.Array:
   return outputs["aux"][0]
 
 
+def adversarial(disc, source_maps: jax.Array, target_maps: jax.Array, gan, axis_name: str):
+  """The segmenter's adversarial loss, its target maps judged as source by `disc` (fixed), and
+  the stop-gradient maps of both domains that `disc_update` then learns from."""
+  d_out = disc.apply_fn({"params": disc.params}, target_maps)
+  loss = base.global_mean(gan(d_out, SOURCE_DOMAIN), axis_name)
+  return loss, {"source": jax.lax.stop_gradient(source_maps),
+                "target": jax.lax.stop_gradient(target_maps)}
+
+
 def disc_update(state, inputs: dict, gan, axis_name: str):
   """One discriminator update on stop-gradient maps: source labelled 0, target 1."""
   def loss_fn(params):
@@ -116,15 +125,11 @@ class OutputSpace(base.Method):
           loss = loss + self.lambda_ent[level] * ent
           parts[f"loss_ent{suffix}"] = ent
         if self.lambda_adv[level]:
-          disc = states[self.disc_names[level]]
-          tgt_in = self.disc_input(tgt_logits)
-          d_out = disc.apply_fn({"params": disc.params}, tgt_in)
-          adv = base.global_mean(self.gan(d_out, SOURCE_DOMAIN), axis_name)
+          adv, disc_inputs[level] = adversarial(
+              states[self.disc_names[level]], self.disc_input(level_logits(src_out, level)),
+              self.disc_input(tgt_logits), self.gan, axis_name)
           loss = loss + self.lambda_adv[level] * adv
           parts[f"loss_adv{suffix}"] = adv
-          disc_inputs[level] = {
-              "source": jax.lax.stop_gradient(self.disc_input(level_logits(src_out, level))),
-              "target": jax.lax.stop_gradient(tgt_in)}
       return loss, (stats, parts, disc_inputs)
 
     grads, (stats, parts, disc_inputs) = jax.grad(loss_fn, has_aux=True)(seg.params)

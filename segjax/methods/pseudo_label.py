@@ -85,14 +85,11 @@ class PseudoLabel(base.Method):
                     for name, value in pl_parts.items()})
       disc_inputs = {}
       if self.disc_names:
-        disc = states["disc"]
-        tgt_in = self.disc_input(tgt_out["logits"])
-        d_out = disc.apply_fn({"params": disc.params}, tgt_in)
-        adv = base.global_mean(self.gan(d_out, output_space.SOURCE_DOMAIN), axis_name)
+        adv, disc_inputs = output_space.adversarial(
+            states["disc"], self.disc_input(src_out["logits"]), self.disc_input(tgt_out["logits"]),
+            self.gan, axis_name)
         loss = loss + self.lambda_adv * adv
         parts["loss_adv"] = adv
-        disc_inputs = {"source": jax.lax.stop_gradient(self.disc_input(src_out["logits"])),
-                       "target": jax.lax.stop_gradient(tgt_in)}
       return loss, (stats, parts, disc_inputs)
 
     grads, (stats, parts, disc_inputs) = jax.grad(loss_fn, has_aux=True)(seg.params)
