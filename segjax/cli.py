@@ -11,3 +11,11 @@ def define_run_flags(role: str = "training") -> None:
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, f"The {role} run's workdir (holding checkpoints/).")
   flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by mIoU) or a step number.")
+
+
+def define_state_flag() -> None:
+  """--state: which of the run's segmenters to read (evaluate, predict)."""
+  flags.DEFINE_string(
+      "state", "seg", "The run's segmenter to read: 'seg' (the network trained and evaluated "
+      "during training: MPL's student), or another state holding the same model, such as MPL's "
+      "'teacher' or self_training's EMA teacher 'ema'.")

@@ -9,17 +9,21 @@
 The config is the training run's; any field can be overridden. Only the
 segmenter is restored from {workdir}/checkpoints (--checkpoint: 'latest',
 'best' by the mIoU of training's evaluations, or a step number), read-only,
-so a run still training is not disturbed. The split is evaluated with the
-step training evaluates with (`segjax.steps.eval_step`: BatchNorm running
-statistics, no dropout, `config.inference` test-time augmentation and
-sliding windows), data-parallel over all local devices, at the labels'
-resolution: with `data.eval.resize_labels=False` images are read at
-`data.eval.resize` and the scores upsampled to the full-resolution labels.
+so a run still training is not disturbed. --state picks which segmenter:
+'seg' (default; MPL's student), or another state of the run's method that
+holds the same model (MPL's 'teacher', self_training's EMA teacher 'ema').
+The split is evaluated with the step training evaluates with
+(`segjax.steps.eval_step`: BatchNorm running statistics, no dropout,
+`config.inference` test-time augmentation and sliding windows),
+data-parallel over all local devices, at the labels' resolution: with
+`data.eval.resize_labels=False` images are read at `data.eval.resize` and
+the scores upsampled to the full-resolution labels.
 
 Results: a table on the console; TensorBoard and metrics.jsonl in
 {workdir}/eval (beside, not inside, the training run's files); and
 {workdir}/eval/<split>_step<N>.json with every number, the checkpoint, the
-data.eval and inference configs and the number of images.
+data.eval and inference configs and the number of images. Another --state
+writes <split>_step<N>_<state>.json and its scalars under <split>/<state>/.
 
 --save_predictions=DIR writes each image's prediction at the labels'
 resolution: <image stem>_trainIds.png and, for the Cityscapes label space,
@@ -37,7 +41,8 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from segjax import checkpointing, cli, data, inference, metrics, parallel, reporting, train
+from segjax import (checkpointing, cli, data, inference, methods, metrics, parallel, reporting,
+                    train)
 from segjax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -62,23 +67,62 @@ def check_label_space(config: ml_collections.ConfigDict) -> None:
 
 
 def restore_segmenter(config: ml_collections.ConfigDict, workdir: str, checkpoint: str,
-                      mesh) -> tuple:
-  """The segmenter's TrainState of `checkpoint` (replicated on `mesh`) and its step.
+                      mesh, state: str = "seg") -> tuple:
+  """The segmenter `state` of `checkpoint` (replicated on `mesh`) and its step.
 
-  Only the 'seg' item is read; the discriminator and the data iterator stay on disk.
+  `state` is 'seg' or another of the method's states holding the segmenter's
+  model (MPL's 'teacher', self_training's 'ema'); it comes back as a
+  segmenter TrainState with that state's parameters and BatchNorm statistics.
+  Only the items needed are read: the discriminators and the data iterator
+  stay on disk. CheckpointError, naming the method's states, for any other.
   """
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1,
                                     read_only=True)
   try:
     step = ckpt.select_step(checkpoint)
     num_classes = data.dataset_info(config.data.source, "data.source").num_classes
-    abstract = train.abstract_seg_state(config, num_classes, mesh)
-    state = ckpt.restore_states(step, {"seg": abstract})["seg"]
+    targets = {"seg": train.abstract_seg_state(config, num_classes, mesh)}
+    if state != "seg":
+      targets[state] = _abstract_segmenter_state(config, num_classes, mesh, state)
+    restored = ckpt.restore_states(step, targets)
   finally:
     ckpt.close()
-  logging.info("Restored the segmenter of step %d (--checkpoint=%s) from %s.", step, checkpoint,
-               workdir)
-  return state, step
+  seg_state = restored["seg"]
+  if state != "seg":
+    other = restored[state]
+    seg_state = seg_state.replace(params=_field(other, "params"),
+                                  batch_stats=_field(other, "batch_stats"))
+  logging.info("Restored the segmenter %r of step %d (--checkpoint=%s) from %s.", state, step,
+               checkpoint, workdir)
+  return seg_state, step
+
+
+def _field(state, name: str):
+  return state[name] if isinstance(state, dict) else getattr(state, name)
+
+
+def _abstract_segmenter_state(config: ml_collections.ConfigDict, num_classes: int, mesh,
+                              state: str):
+  """The restore target of the method's state `state`, checked to hold the segmenter's model."""
+  method = methods.build(config, num_classes)
+  init_seg = train.segmenter_init(config, jax.random.key(0), num_classes)[0]
+  inits = method.state_inits(jax.random.key(0), init_seg)
+  name = config.adapt.method
+  if state not in inits:
+    raise checkpointing.CheckpointError(
+        f"--state={state!r}: adapt.method {name!r} keeps the states {sorted(inits)}; "
+        "pick one holding the segmenter ('seg' is the network evaluated during training).")
+  abstract = jax.eval_shape(inits[state])
+  params = (abstract.get("params") if isinstance(abstract, dict)
+            else getattr(abstract, "params", None))
+  shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
+  if params is None or shapes(params) != shapes(jax.eval_shape(init_seg).params):
+    raise checkpointing.CheckpointError(
+        f"--state={state!r}: that state of adapt.method {name!r} is not a segmenter of "
+        f"config.model ({config.model.name}); the method's states are {sorted(inits)}.")
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      abstract)
 
 
 def prediction_names(eval_config: ml_collections.ConfigDict, source) -> list[str]:
@@ -187,15 +231,16 @@ def _write_json(path: str, report: dict) -> None:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         checkpoint: str = "latest",
-                        save_predictions: str | None = None) -> dict:
-  """Evaluates the segmenter of `checkpoint` in `workdir` on `config.data.eval`.
+                        save_predictions: str | None = None, state: str = "seg") -> dict:
+  """Evaluates the segmenter `state` of `checkpoint` in `workdir` on `config.data.eval`.
 
   Returns the report, also written (by process 0) to
-  {workdir}/eval/<split>_step<N>.json: IoU per class (None where a class is
-  in neither labels nor predictions), mIoU and the extra subsets, pixel and
-  mean accuracy, the confusion matrix (rows labels, columns predictions),
-  the step, the checkpoint choice, the data.eval and inference configs and
-  the number of images.
+  {workdir}/eval/<split>_step<N>.json (another state than 'seg':
+  <split>_step<N>_<state>.json): IoU per class (None where a class is in
+  neither labels nor predictions), mIoU and the extra subsets, pixel and mean
+  accuracy, the confusion matrix (rows labels, columns predictions), the
+  step, the checkpoint choice and state, the data.eval and inference configs
+  and the number of images.
   """
   check_config(config)
   is_primary = jax.process_index() == 0
@@ -209,7 +254,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                          "labels (config field data.eval.split); evaluate a labelled split, or "
                          "predict it with python -m segjax.predict.")
   names = prediction_names(config.data.eval, listed) if save_predictions else []
-  seg_state, step = restore_segmenter(config, workdir, checkpoint, mesh)
+  seg_state, step = restore_segmenter(config, workdir, checkpoint, mesh, state)
   eval_ds, num_images = pipeline.eval_dataset(config, process_index=jax.process_index(),
                                               process_count=jax.process_count())
   eval_step = parallel.compile_all(
@@ -228,7 +273,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   subsets = train.eval_subsets(config)
   result = metrics.scores(confusion, subsets)
   report = {
-      "step": int(step), "checkpoint": str(checkpoint), "workdir": os.path.abspath(workdir),
+      "step": int(step), "checkpoint": str(checkpoint), "state": state,
+      "workdir": os.path.abspath(workdir),
       "dataset": config.data.eval.name, "split": split, "num_images": int(num_images),
       "miou": _finite_or_none(result["miou"]),
       **{name: _finite_or_none(result[name]) for name, _ in subsets},
@@ -244,16 +290,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     print(format_table(report), flush=True)
     out_dir = os.path.join(workdir, EVAL_SUBDIR)
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{split}_step{step}.json")
+    suffix = "" if state == "seg" else f"_{state}"
+    path = os.path.join(out_dir, f"{split}_step{step}{suffix}.json")
     _write_json(path, report)
     logging.info("Wrote %s.", path)
   metric_writer = reporting.create_writer(os.path.join(workdir, EVAL_SUBDIR),
                                           is_primary=is_primary)
   summary = train.eval_summary(confusion, info.class_names, subsets)
-  metric_writer.write_scalars(step, {f"{split}/{key.removeprefix('eval/')}": value
+  prefix = split if state == "seg" else f"{split}/{state}"
+  metric_writer.write_scalars(step, {f"{prefix}/{key.removeprefix('eval/')}": value
                                      for key, value in summary.items()})
   if samples:
-    metric_writer.write_images(step, {f"{split}/samples": reporting.sample_grid(
+    metric_writer.write_images(step, {f"{prefix}/samples": reporting.sample_grid(
         samples["image"], samples["pred"], samples["label"], info.palette)})
   metric_writer.close()
   return report
@@ -265,7 +313,8 @@ def main(argv):
   reporting.quiet_libraries()
   parallel.log_topology()
   try:
-    evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.save_predictions)
+    evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.save_predictions,
+                        FLAGS.state)
   except (checkpointing.CheckpointError, data.DataError) as e:
     raise SystemExit(f"segjax.evaluate: {e}") from e
 
@@ -273,6 +322,7 @@ def main(argv):
 def define_flags():
   """The command's flags, defined when it runs: absl refuses a flag defined twice in a process."""
   cli.define_run_flags()
+  cli.define_state_flag()
   flags.DEFINE_string("save_predictions", None,
                       "Folder for the predictions as PNGs (trainIds, and Cityscapes labelIds).")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -19,7 +19,8 @@ image's folder relative to --input:
   <stem>_overlay.png   the image blended 50% with the colours
 
 The segmenter is restored read-only from {workdir}/checkpoints (--checkpoint:
-'latest', 'best' or a step number) onto one device; images are predicted one
+'latest', 'best' or a step number; --state: 'seg', or MPL's 'teacher',
+self_training's 'ema') onto one device; images are predicted one
 at a time (one compilation per distinct image size).
 """
 
@@ -77,14 +78,14 @@ def _resize(image: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
 
 
 def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_dir: str,
-                   output_dir: str, checkpoint: str = "latest") -> int:
+                   output_dir: str, checkpoint: str = "latest", state: str = "seg") -> int:
   """Writes the predictions of every image under `input_dir`; returns the number of images."""
   evaluate.check_label_space(config)
   inference.Inference.from_config(config.get("inference"))
   info = data.dataset_info(config.data.eval, "data.eval")
   images = list_images(input_dir, exclude=output_dir)
   mesh = Mesh(np.asarray(jax.local_devices()[:1]), (parallel.DATA_AXIS,))
-  seg_state, step = evaluate.restore_segmenter(config, workdir, checkpoint, mesh)
+  seg_state, step = evaluate.restore_segmenter(config, workdir, checkpoint, mesh, state)
   predictor = make_predictor(config)
   size = tuple(config.data.eval.get("resize", ()))
   label_ids = None
@@ -115,7 +116,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   reporting.quiet_libraries()
   try:
-    predict_folder(FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.checkpoint)
+    predict_folder(FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.checkpoint,
+                   FLAGS.state)
   except (checkpointing.CheckpointError, data.DataError) as e:
     raise SystemExit(f"segjax.predict: {e}") from e
 
@@ -123,6 +125,7 @@ def main(argv):
 def define_flags():
   """The command's flags, defined when it runs: absl refuses a flag defined twice in a process."""
   cli.define_run_flags()
+  cli.define_state_flag()
   flags.DEFINE_string("input", None, "Folder of images (.png, .jpg, .jpeg), read recursively.")
   flags.DEFINE_string("output", None, "Folder for the predictions (created).")
   flags.mark_flags_as_required(["config", "workdir", "input", "output"])

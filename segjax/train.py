@@ -71,7 +71,7 @@ def prepare_workdir(workdir: str) -> None:
                           "Pass a --workdir you can create files in.") from e
 
 
-def _segmenter_init(config: ml_collections.ConfigDict, rng: jax.Array, num_classes: int):
+def segmenter_init(config: ml_collections.ConfigDict, rng: jax.Array, num_classes: int):
   """A function building the segmenter's TrainState, and its learning-rate schedule."""
   height, width = config.data.crop_size
   seg_model = models.build_segmenter(config.model, num_classes)
@@ -91,7 +91,7 @@ def abstract_seg_state(config: ml_collections.ConfigDict, num_classes: int,
 
   Nothing is initialised (`jax.eval_shape`), so it costs no memory or compute.
   """
-  init_seg, _ = _segmenter_init(config, jax.random.key(0), num_classes)
+  init_seg, _ = segmenter_init(config, jax.random.key(0), num_classes)
   sharding = parallel.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       jax.eval_shape(init_seg))
@@ -102,7 +102,7 @@ def create_states(config: ml_collections.ConfigDict, rng: jax.Array, num_classes
   """Builds the method's TrainStates (replicated on the mesh) and their learning-rate schedules."""
   method = methods.build(config, num_classes)
   seg_rng, other_rng = jax.random.split(rng)
-  init_seg, _ = _segmenter_init(config, seg_rng, num_classes)
+  init_seg, _ = segmenter_init(config, seg_rng, num_classes)
   inits = method.state_inits(other_rng, init_seg)
   states = {name: parallel.make_replicated(init, mesh) for name, init in inits.items()}
   return states, method.schedules

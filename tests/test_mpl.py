@@ -1,6 +1,9 @@
-"""mpl (Meta Pseudo Labels): the feedback's sign on a toy problem, 8 devices == 1, exact resume."""
+"""mpl (Meta Pseudo Labels): the feedback's sign on a toy problem, 8 devices == 1, exact resume,
+and evaluating the teacher (and self_training's EMA teacher) with --state."""
 
 import functools
+import json
+import os
 
 import flax.linen as nn
 import grain
@@ -14,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import mpl as mpl_config
 from configs import test as test_config
-from segjax import checkpointing, methods, parallel, steps, train
+from segjax import checkpointing, evaluate, methods, parallel, steps, train
 from segjax.methods import mpl
 
 import uda_testing  # pylint: disable=wrong-import-order
@@ -292,6 +295,47 @@ def test_the_teacher_can_start_as_another_runs_segmenter(tmp_path):
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"config.adapt.mpl_teacher_from='.*nothing': No checkpoint"):
     train.validate_config(config)
+
+
+def _save(states: dict, workdir, step: int = 2) -> str:
+  ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"), max_to_keep=1)
+  ckpt.save(step, states, iter(grain.MapDataset.range(4).to_iter_dataset()))
+  ckpt.wait_until_finished()
+  ckpt.close()
+  return str(workdir)
+
+
+@pytest.mark.parametrize("method, state", [("mpl", "teacher"), ("self_training", "ema")])
+def test_evaluate_reads_the_teacher_with_state(method, state, tmp_path):
+  """segjax.evaluate --state=teacher (MPL) or --state=ema (DACS's EMA teacher, a plain dict)
+  restores that state's variables as the segmenter; a state without the segmenter's model, or
+  one the method does not keep, is an error naming the method's states."""
+  config, mesh = uda_testing.override(_config(), {"adapt.method": method}), _mesh(1)
+  states, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  if method == "self_training":  # The EMA teacher starts as the student: make it differ.
+    states[state] = jax.tree.map(lambda x: x * 0.5, states[state])
+  workdir = _save(states, tmp_path)
+  for name in ("seg", state):
+    restored, step = evaluate.restore_segmenter(config, workdir, "latest", mesh, name)
+    variables = states[name] if isinstance(states[name], dict) else {
+        "params": states[name].params, "batch_stats": states[name].batch_stats}
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.device_get((restored.params, restored.batch_stats)),
+                 jax.device_get((variables["params"], variables["batch_stats"])))
+    assert step == 2 and isinstance(restored, steps.TrainState)
+  if method == "mpl":  # The command's outputs: beside the student's, not over them.
+    report = evaluate.evaluate_checkpoint(config, workdir, state=state)
+    assert report["state"] == state and report["step"] == 2
+    assert os.listdir(os.path.join(workdir, "eval")).count(f"val_step2_{state}.json") == 1
+    with open(os.path.join(workdir, "eval", "metrics.jsonl"), encoding="utf-8") as f:
+      assert f"val/{state}/miou" in json.loads(f.readline())
+  if method == "mpl":
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"--state='disc': .* not a segmenter of config.model \(compact\)"):
+      evaluate.restore_segmenter(config, workdir, "latest", mesh, "disc")
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=rf"--state='student': adapt.method '{method}' keeps the states"):
+    evaluate.restore_segmenter(config, workdir, "latest", mesh, "student")
 
 
 # ---- Pieces and configuration.
