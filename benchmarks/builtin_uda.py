@@ -9,16 +9,16 @@ one after another (so wall times are not inflated by sharing the CPU), then
 prints a markdown table of target mIoU (mean and spread), per-class IoU and
 wall time, and writes it beside the raw results (results.json). A finished run
 (its final_metrics.json exists) is not run again, so an interrupted benchmark
-resumes; an interrupted run resumes from its checkpoints, and since its wall time
-then covers only the rest, the table's wall time comes from whole runs. `pseudo_label` is its three-stage pipeline: the `adapt` run of the
-same seed, `segjax.tools.make_pseudo_labels` from its final checkpoint, then
-the pseudo-label run; its wall time counts the last two stages. `mpl` is the
+resumes; an interrupted run resumes from its checkpoints, and since its wall
+time then covers only the rest, the table's wall time comes from whole runs.
+`pseudo_label` is its three-stage pipeline: the `adapt` run of the same seed,
+`segjax.tools.make_pseudo_labels` from its final checkpoint, then the
+pseudo-label run; its wall time counts the last two stages. `mpl` is the
 `adapt` run of the same seed, then MPL with that run's model as the teacher
 (`adapt.mpl_teacher_from`), as the real-time seed does; its wall time is the
-second stage's. The pseudo labels'
-precision and recall per class (`segjax.tools.score_pseudo_labels`, against the
-built-in target labels that training never reads) go to
-pseudo_labels_seed<S>_scores.json.
+second stage's. The pseudo labels' precision and recall per class
+(`segjax.tools.score_pseudo_labels`, against the built-in target labels that
+training never reads) go to pseudo_labels_seed<S>_scores.json.
 """
 
 import argparse
@@ -109,8 +109,9 @@ def table(results: dict, seeds: list[int]) -> str:
     wall = min(r["wall_seconds"] for r in whole or runs) / 60
     spread = (f"{miou.mean():.1f} ± {miou.std(ddof=1):.1f} ({', '.join(f'{m:.1f}' for m in miou)})"
               if len(runs) > 1 else f"{miou[0]:.1f}")
+    wall_text = f"{wall:.1f} min" + ("" if whole else " (resumed)")
     lines.append(f"| {name} | {spread} | {acc.mean():.1f} | "
-                 + " | ".join(f"{v:.1f}" for v in per_class) + f" | {wall:.1f} min{'' if whole else ' (resumed)'} |")
+                 + " | ".join(f"{v:.1f}" for v in per_class) + f" | {wall_text} |")
   lines.append(f"\nSeeds {seeds}; ± is the sample standard deviation over seeds; per-class IoU "
                "and pixel accuracy are means over seeds. Wall time: one whole run (compile and "
                "evaluations included; pseudo_label: label generation and its run).")

@@ -82,8 +82,9 @@ def restore_segmenter(config: ml_collections.ConfigDict, workdir: str, checkpoin
     step = ckpt.select_step(checkpoint)
     num_classes = data.dataset_info(config.data.source, "data.source").num_classes
     targets = {"seg": train.abstract_seg_state(config, num_classes, mesh)}
-    if state != "seg":
-      targets[state] = _abstract_segmenter_state(config, num_classes, mesh, state)
+    if state != "seg":  # 'seg' gives the TrainState around the other state's variables.
+      targets[state] = _abstract_segmenter_state(config, num_classes, mesh, state,
+                                                 targets["seg"].params)
     restored = ckpt.restore_states(step, targets)
   finally:
     ckpt.close()
@@ -102,8 +103,9 @@ def _field(state, name: str):
 
 
 def _abstract_segmenter_state(config: ml_collections.ConfigDict, num_classes: int, mesh,
-                              state: str):
-  """The restore target of the method's state `state`, checked to hold the segmenter's model."""
+                              state: str, seg_params):
+  """The restore target of the method's state `state`, checked to hold the segmenter's model
+  (parameters shaped as `seg_params`)."""
   method = methods.build(config, num_classes)
   init_seg = train.segmenter_init(config, jax.random.key(0), num_classes)[0]
   inits = method.state_inits(jax.random.key(0), init_seg)
@@ -112,17 +114,15 @@ def _abstract_segmenter_state(config: ml_collections.ConfigDict, num_classes: in
     raise checkpointing.CheckpointError(
         f"--state={state!r}: adapt.method {name!r} keeps the states {sorted(inits)}; "
         "pick one holding the segmenter ('seg' is the network evaluated during training).")
-  abstract = jax.eval_shape(inits[state])
+  abstract = train.abstract_replicated(inits[state], mesh)
   params = (abstract.get("params") if isinstance(abstract, dict)
             else getattr(abstract, "params", None))
   shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
-  if params is None or shapes(params) != shapes(jax.eval_shape(init_seg).params):
+  if params is None or shapes(params) != shapes(seg_params):
     raise checkpointing.CheckpointError(
         f"--state={state!r}: that state of adapt.method {name!r} is not a segmenter of "
         f"config.model ({config.model.name}); the method's states are {sorted(inits)}.")
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      abstract)
+  return abstract
 
 
 def prediction_names(eval_config: ml_collections.ConfigDict, source) -> list[str]:

@@ -91,10 +91,15 @@ def abstract_seg_state(config: ml_collections.ConfigDict, num_classes: int,
 
   Nothing is initialised (`jax.eval_shape`), so it costs no memory or compute.
   """
-  init_seg, _ = segmenter_init(config, jax.random.key(0), num_classes)
+  return abstract_replicated(segmenter_init(config, jax.random.key(0), num_classes)[0], mesh)
+
+
+def abstract_replicated(init_fn, mesh):
+  """What `init_fn()` builds, as shapes with replicated shardings on `mesh` (`jax.eval_shape`:
+  nothing is initialised): a restore target."""
   sharding = parallel.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      jax.eval_shape(init_seg))
+                      jax.eval_shape(init_fn))
 
 
 def create_states(config: ml_collections.ConfigDict, rng: jax.Array, num_classes: int,
