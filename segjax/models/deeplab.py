@@ -18,9 +18,15 @@ advent/model/deeplabv2.py: the Caffe ResNet-101 (stride on the first 1x1
 conv, ceil-mode max pooling, layer3 and layer4 dilated 2 and 4: output stride
 8) with every BatchNorm frozen, one ASPP-v2 classifier on layer3 ('layer5',
 the auxiliary head of multi-level adaptation) and one on layer4 ('layer6', the
-main head).
+main head). `resnet_style` follows the weights: 'caffe' (the default) is that
+network, for the Caffe-converted init files both repos train from;
+'torchvision' is torchvision's ResNet-101 dilated to output stride 8
+(replace_stride_with_dilation=[False, True, True], as DeepLabV3+ builds it),
+for torchvision's ImageNet weights, which were trained with the stride in the
+3x3 conv and floor-mode pooling.
 """
 
+import os
 from typing import Self
 
 import flax.linen as nn
@@ -28,12 +34,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segjax.models import layers
+from segjax.models import layers, weights
 from segjax.models.backbones.resnet import ResNet
 from segjax.parallel import DATA_AXIS
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # DeepLabV3+'s atrous rates per output stride.
 ASPP_V2_DILATIONS = (6, 12, 18, 24)
+# DeepLab's Caffe networks read BGR pixels in 0-255 less this mean (AdaptSegNet's and ADVENT's
+# IMG_MEAN), not scaled; segjax feeds RGB in [0, 1] less data.mean over data.std, ImageNet's
+# statistics by default (configs/default.py).
+CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ASPP(nn.Module):
@@ -191,19 +203,54 @@ def resize_bilinear_align_corners(x: jax.Array, height: int, width: int) -> jax.
       jnp.asarray(translation), method="linear", antialias=False)
 
 
+def caffe_input(images: jax.Array) -> jax.Array:
+  """segjax's normalised RGB images as the input DeepLab's Caffe weights were trained on.
+
+  Those weights read BGR pixels in 0-255 less CAFFE_BGR_MEAN; segjax feeds
+  every model RGB normalised with data.mean and data.std, left at ImageNet's
+  statistics. Converting here rather than in the data pipeline lets
+  model.resnet_style alone switch between Caffe and torchvision weights, and
+  it is exact: conv1's zero padding comes after it.
+  """
+  rgb = images.astype(jnp.float32) * jnp.asarray(IMAGENET_STD) + jnp.asarray(IMAGENET_MEAN)
+  return 255.0 * rgb[..., ::-1] - jnp.asarray(CAFFE_BGR_MEAN)
+
+
+def caffe_classifier_key(path: tuple[str, ...]) -> str | None:
+  """The Caffe init's key (after 'Scale.') of a DeepLabV2R101 variable outside the backbone.
+
+  The init is the single-level DeepLab-v2 (AdaptSegNet's model/deeplab.py),
+  whose only classifier, 'layer5', reads layer4: the main head here. The
+  layer3 head has no counterpart in it (None).
+  """
+  if path[0] != "head_layer4":
+    return None
+  _, conv, leaf = path
+  return f"layer5.conv2d_list.{conv.removeprefix('conv')}.{layers.TORCH_LEAF_NAMES[leaf]}"
+
+
 class DeepLabV2R101(nn.Module):
   """DeepLab-v2 ResNet-101 with a main (layer4) and an auxiliary (layer3) ASPP-v2 head.
 
   Output: {'logits', 'aux'} as the segmenter contract in `segjax.models` says;
   'aux' holds the layer3 head, which multi-level adaptation supervises with
-  weight 0.1 and aligns with its own discriminator.
+  weight 0.1 and aligns with its own discriminator. `resnet_style` is the
+  ResNet the backbone weights come from (see the module docstring); 'caffe'
+  converts segjax's ImageNet-normalised RGB input to Caffe's (`caffe_input`).
   """
   num_classes: int
   norm: str = "frozen"
   aspp_branches: int = 4
+  resnet_style: str = weights.CAFFE
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+
+  # Reads both layouts; the Caffe init's classifier goes into the main head. A staticmethod,
+  # as linen would wrap a callable attribute into a method.
+  backbone_torch_key = staticmethod(weights.KeyMap(
+      ResNet.torch_key, (weights.TORCHVISION, weights.CAFFE),
+      {weights.CAFFE: caffe_classifier_key}))
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
@@ -211,25 +258,28 @@ class DeepLabV2R101(nn.Module):
 
     Without them it defaults to 'batch': frozen statistics of an untrained
     network are the identity, and 33 unnormalised bottlenecks overflow.
+    `model.resnet_style` must be the layout of `model.backbone_weights`:
+    checked here, where train.py's config check builds the model first, so a
+    contradiction fails before anything is compiled. A file that is not there
+    is left to the loader (evaluation and prediction do not read it).
     """
-    default_norm = "frozen" if config.get("backbone_weights") else "batch"
-    return cls(num_classes=num_classes, norm=config.get("norm", default_norm),
-               aspp_branches=config.get("aspp_branches", 4),
+    path = config.get("backbone_weights")
+    style = config.get("resnet_style", weights.CAFFE)
+    if path and os.path.isfile(path):
+      weights.check_layout(path, style, "model.resnet_style")
+    return cls(num_classes=num_classes, norm=config.get("norm", "frozen" if path else "batch"),
+               aspp_branches=config.get("aspp_branches", 4), resnet_style=style,
                bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
                dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
 
-  @staticmethod
-  def backbone_torch_key(path: tuple[str, ...]) -> str:
-    return ResNet.torch_key(path)
-
   @nn.compact
   def __call__(self, images, train: bool = False):
     height, width = images.shape[1:3]
-    features = ResNet(depth=101, output_stride=8, norm=self.norm, stride_in_1x1=True,
-                      ceil_mode=True, deeplab_v2_layers=True, bn_axis_name=self.bn_axis_name,
-                      dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="backbone")(images, train)
+    x = caffe_input(images) if self.resnet_style == weights.CAFFE else images
+    features = ResNet(depth=101, output_stride=8, norm=self.norm, style=self.resnet_style,
+                      bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="backbone")(x, train)
     head = lambda name: ASPPv2(self.num_classes, self.aspp_branches, dtype=self.dtype,
                                param_dtype=self.param_dtype, name=name)
     logits = head("head_layer4")(features["layer4"])

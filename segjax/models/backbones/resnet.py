@@ -6,13 +6,14 @@ them without a table. Options cover what the segmentation heads need:
   * `output_stride` 32, 16 or 8: the strides of layer4 (and layer3) become
     dilations, as torchvision's `replace_stride_with_dilation`;
   * `norm` 'batch' or 'frozen' (AdaptSegNet/ADVENT freeze every BatchNorm);
-  * `stride_in_1x1` and `ceil_mode`: the Caffe-style ResNet-101 of DeepLab-v2
-    (stride on the first 1x1 convolution, ceil-mode max pooling, and its
-    `_make_layer`, where every block of a dilated layer, the first included,
-    uses the layer's dilation and a dilated layer always has a projection).
+  * `style` 'torchvision' or 'caffe': where the network that made the weights
+    put things (see STYLES). The two have the same parameters, so a file of
+    one style loads into the other without complaint and computes something
+    else: each style must get its own weights.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -28,6 +29,13 @@ CONFIGS = {
     "resnet101": ("bottleneck", (3, 4, 23, 3)),
 }
 EXPANSION = {"basic": 1, "bottleneck": 4}
+# torchvision: stride on each bottleneck's 3x3 convolution, floor-mode max pooling, and a dilated
+#   layer's first block at the previous layer's dilation (replace_stride_with_dilation).
+# caffe: MSRA's Caffe ResNet that DeepLab-v2 converted (AdaptSegNet's and ADVENT's init files):
+#   stride on the first 1x1 convolution, ceil-mode max pooling, and DeepLab's `_make_layer`, where
+#   every block of a dilated layer, the first included, uses the layer's dilation and a dilated
+#   layer always has a projection. Bottleneck ResNets only.
+STYLES = ("torchvision", "caffe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +53,6 @@ class BasicBlock(nn.Module):
   first_dilation: int
   project: bool
   common: _Common
-  stride_in_1x1: bool = False  # Unused: a basic block has no 1x1 convolution.
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -97,9 +104,7 @@ class ResNet(nn.Module):
   depth: int = 18
   output_stride: int = 32
   norm: str = "batch"
-  stride_in_1x1: bool = False
-  ceil_mode: bool = False
-  deeplab_v2_layers: bool = False
+  style: str = "torchvision"
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -120,7 +125,14 @@ class ResNet(nn.Module):
       raise ValueError(f"output_stride={self.output_stride} (config field model.output_stride) "
                        "must be 8, 16 or 32.")
     kind, counts = CONFIGS[name]
-    block_cls = BasicBlock if kind == "basic" else Bottleneck
+    if self.style not in STYLES:
+      raise ValueError(f"ResNet style {self.style!r} (config field model.resnet_style) must be "
+                       f"one of {list(STYLES)}.")
+    if self.style == "caffe" and kind == "basic":
+      raise ValueError(f"The Caffe ResNet style needs a bottleneck ResNet (50 or 101), not {name}.")
+    caffe = self.style == "caffe"
+    block_cls = functools.partial(Bottleneck, stride_in_1x1=caffe) if kind == "bottleneck" else (
+        BasicBlock)
     common = _Common(self.norm, self.bn_axis_name, self.dtype, self.param_dtype)
     x = x.astype(self.dtype)
     x = layers.conv(64, 7, 2, 3, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -128,7 +140,7 @@ class ResNet(nn.Module):
     x = nn.relu(layers.norm(self.norm, train, self.bn_axis_name, self.dtype, self.param_dtype,
                             name="bn1")(x))
     features = {"stem": x}
-    x = layers.max_pool(x, 3, 2, 1, ceil_mode=self.ceil_mode)
+    x = layers.max_pool(x, 3, 2, 1, ceil_mode=caffe)
     # Layers whose stride becomes a dilation: layer4 below OS32, layer3 too below OS16.
     dilate = {2: False, 3: self.output_stride == 8, 4: self.output_stride < 32}
     in_channels, dilation = 64, 1
@@ -139,15 +151,14 @@ class ResNet(nn.Module):
         dilation *= strides
         strides = 1
       out_channels = planes * EXPANSION[kind]
-      if self.deeplab_v2_layers:
+      if caffe:
         first, project = dilation, (strides != 1 or in_channels != out_channels
                                     or dilation > 1)
       else:
         first, project = previous, strides != 1 or in_channels != out_channels
       for j in range(count):
         x = block_cls(planes, strides if j == 0 else 1, dilation, first if j == 0 else dilation,
-                      project and j == 0, common, stride_in_1x1=self.stride_in_1x1,
-                      name=f"layer{i}_{j}")(x, train)
+                      project and j == 0, common, name=f"layer{i}_{j}")(x, train)
       in_channels = out_channels
       features[f"layer{i}"] = x
     return features
