@@ -4,10 +4,9 @@
 
 Runs `pytest -m slow` on the 8 fake CPU devices of the test suite and prints
 each test's outcome and duration: the R101 paper configs end to end, the
-AdaptSegNet variants' data-parallel equivalence, the reference step's
-composition and the method against it, BiSeNet-R101 at an odd size, per-device BatchNorm, the
-pseudo-label step without labelled pixels or without a discriminator, MPL
-without discriminators.
+AdaptSegNet variants' data-parallel equivalence, BiSeNet-R101 at an odd size,
+per-device BatchNorm, the pseudo-label step without labelled pixels or without
+a discriminator, MPL without discriminators.
 """
 
 import os

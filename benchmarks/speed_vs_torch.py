@@ -48,7 +48,7 @@ def jax_worker(model: str, mode: str, dtype: str, batch: int, hw: tuple[int, int
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   from configs import default  # pylint: disable=import-outside-toplevel
-  from segjax import parallel, steps, train  # pylint: disable=import-outside-toplevel
+  from segjax import methods, parallel, steps, train  # pylint: disable=import-outside-toplevel
 
   config = default.get_config()
   config.model.name = model
@@ -61,10 +61,10 @@ def jax_worker(model: str, mode: str, dtype: str, batch: int, hw: tuple[int, int
   config.data.crop_size = hw
   config.optim.seg.update(lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
   config.adapt.method = "adaptsegnet" if mode == "adapt" else "source_only"
+  config.adapt.lambda_adv = 0.001 if mode == "adapt" else 0.0
   config.disc.name = "fcd"
   mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
-  states, schedules = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
-  seg, disc = states["seg"], states.get("disc")
+  states, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   rng = np.random.default_rng(0)
   height, width = hw
 
@@ -73,27 +73,26 @@ def jax_worker(model: str, mode: str, dtype: str, batch: int, hw: tuple[int, int
 
   labels = rng.integers(0, NUM_CLASSES, (batch, height, width)).astype(np.uint8)
   labels[rng.random(labels.shape) < 0.1] = 255
-  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  mean, std = tuple(config.data.mean), tuple(config.data.std)  # ImageNet's, as the peer's.
   if mode == "infer":
     fn = jax.jit(lambda state, x: steps.eval_logits(state, x, mean, std))
     x = jnp.asarray(images())
-    run = lambda: fn(seg, x).block_until_ready()
+    run = lambda: fn(states["seg"], x).block_until_ready()
     images_per_step = batch
   else:
     batch_data = {"source": {"image": images(), "label": labels}}
     if mode == "adapt":
       batch_data["target"] = {"image": images()}
     batch_data = parallel.to_global(batch_data, mesh)
+    method = methods.build(config, NUM_CLASSES)
     step = parallel.data_parallel(
-        functools.partial(steps.train_step, lambda_adv=0.001 if mode == "adapt" else 0.0,
-                          lr_fn=schedules["seg"], mean=mean, std=std),
-        mesh, in_specs=(P(), P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P(), P()),
-        donate_argnums=(0, 1))
+        functools.partial(method.step, axis_name=parallel.DATA_AXIS), mesh,
+        in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
     key = parallel.make_replicated(lambda: jax.random.key(0), mesh)
-    carry = {"seg": seg, "disc": disc}
+    carry = {"states": states}
 
     def run():
-      carry["seg"], carry["disc"], metrics = step(carry["seg"], carry["disc"], batch_data, key)
+      carry["states"], metrics = step(carry["states"], batch_data, key)
       jax.block_until_ready(metrics)
     images_per_step = 2 * batch if mode == "adapt" else batch
 

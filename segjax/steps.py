@@ -1,29 +1,25 @@
-"""Pure, per-device training and evaluation steps.
+"""Pure, per-device pieces of the training and evaluation steps.
 
 Every function here is written in the pmap programming model: it sees its
 device's slice of the batch and uses explicit collectives over the mesh axis
 `axis_name`. `segjax.parallel.data_parallel` maps them over the devices with
 `jax.shard_map` inside `jax.jit`.
 
-The adaptation step is AdaptSegNet's alternating minimax (Tsai et al., 2018):
-  (a) `seg_update`: the segmenter minimises CE(source) + lambda_adv *
-      BCE(D(softmax(target logits)), SOURCE_DOMAIN), the discriminator fixed;
-  (b) `disc_update`: the discriminator learns to tell the (stop-gradient)
-      softmax maps of the two domains apart.
+The training steps themselves belong to the adaptation methods
+(`segjax.methods`, one `step` per method: AdaptSegNet's minimax is
+`segjax.methods.output_space`); they share the pieces here: the segmenter's
+state, preprocessing, forward pass and supervised loss. Evaluation
+(`eval_step`, `predict_labels`, `eval_logits`) is the same for every method.
 """
 
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax.training import train_state
 
 from segjax import inference as inference_lib
 from segjax import losses, metrics
-
-SOURCE_DOMAIN = 0.0
-TARGET_DOMAIN = 1.0
 
 
 class TrainState(train_state.TrainState):
@@ -69,79 +65,6 @@ def supervised_loss(outputs: dict, labels: jax.Array, seg_loss: losses.SegLoss,
     parts[f"loss_seg_aux{i}"] = aux_loss
     loss = loss + weight * aux_loss
   return loss, parts
-
-
-def seg_update(seg_state: TrainState, disc_state: TrainState | None, batch: dict, rng: jax.Array,
-               *, lambda_adv: float, lr_fn: optax.Schedule, mean, std, axis_name: str,
-               seg_loss: losses.SegLoss = losses.cross_entropy,
-               aux_weights: tuple[float, ...] = ()) -> tuple[TrainState, dict, dict]:
-  """One segmenter update; the discriminator's parameters are constants here.
-
-  With `disc_state` None this is plain supervised training on `batch['source']`.
-  Returns the new state, scalar metrics, and the stop-gradient softmax maps the
-  discriminator update needs.
-  """
-  src_rng, tgt_rng = jax.random.split(rng)
-
-  def loss_fn(params):
-    src_out, stats = _segment(seg_state, params, seg_state.batch_stats,
-                              preprocess(batch["source"]["image"], mean, std), src_rng, True)
-    loss_seg, parts = supervised_loss(src_out, batch["source"]["label"], seg_loss, aux_weights,
-                                      axis_name)
-    aux = {"metrics": parts, "probs": {}}
-    if disc_state is None:
-      return loss_seg, (stats, aux)
-    tgt_out, stats = _segment(seg_state, params, stats,
-                              preprocess(batch["target"]["image"], mean, std), tgt_rng, True)
-    tgt_prob = jax.nn.softmax(tgt_out["logits"])
-    d_out = disc_state.apply_fn({"params": disc_state.params}, tgt_prob)
-    loss_adv = losses.global_mean(*losses.binary_cross_entropy(d_out, SOURCE_DOMAIN), axis_name)
-    aux["metrics"]["loss_adv"] = loss_adv
-    aux["probs"] = {"source": jax.lax.stop_gradient(jax.nn.softmax(src_out["logits"])),
-                    "target": jax.lax.stop_gradient(tgt_prob)}
-    return loss_seg + lambda_adv * loss_adv, (stats, aux)
-
-  grads, (batch_stats, aux) = jax.grad(loss_fn, has_aux=True)(seg_state.params)
-  # Per-device BatchNorm leaves each device with its own running statistics;
-  # averaging keeps the state replicated (a no-op for synchronised statistics).
-  new_state = seg_state.apply_gradients(
-      grads=grads, batch_stats=jax.lax.pmean(batch_stats, axis_name))
-  step_metrics = dict(aux["metrics"], lr=lr_fn(seg_state.step))
-  return new_state, step_metrics, aux["probs"]
-
-
-def disc_update(disc_state: TrainState, probs: dict, *,
-                axis_name: str) -> tuple[TrainState, dict]:
-  """One discriminator update on stop-gradient softmax maps (source 0, target 1)."""
-  def loss_fn(params):
-    d_src = disc_state.apply_fn({"params": params}, probs["source"])
-    d_tgt = disc_state.apply_fn({"params": params}, probs["target"])
-    loss_src = losses.global_mean(*losses.binary_cross_entropy(d_src, SOURCE_DOMAIN), axis_name)
-    loss_tgt = losses.global_mean(*losses.binary_cross_entropy(d_tgt, TARGET_DOMAIN), axis_name)
-    return 0.5 * (loss_src + loss_tgt)
-
-  loss, grads = jax.value_and_grad(loss_fn)(disc_state.params)
-  return disc_state.apply_gradients(grads=grads), {"loss_disc": loss}
-
-
-def train_step(seg_state: TrainState, disc_state: TrainState | None, batch: dict,
-               rng: jax.Array, *, lambda_adv: float, lr_fn: optax.Schedule, mean, std,
-               axis_name: str = "data", seg_loss: losses.SegLoss = losses.cross_entropy,
-               aux_weights: tuple[float, ...] = ()) -> tuple[TrainState, TrainState | None, dict]:
-  """One training iteration: (a) the segmenter, then (b) the discriminator if there is one.
-
-  `rng` is the run's training key; the step (counted from 1) and the device
-  index are folded into it, so every step and device draws its own dropout masks.
-  """
-  rng = jax.random.fold_in(jax.random.fold_in(rng, seg_state.step + 1),
-                           jax.lax.axis_index(axis_name))
-  seg_state, step_metrics, probs = seg_update(
-      seg_state, disc_state, batch, rng, lambda_adv=lambda_adv, lr_fn=lr_fn, mean=mean, std=std,
-      axis_name=axis_name, seg_loss=seg_loss, aux_weights=aux_weights)
-  if disc_state is not None:
-    disc_state, disc_metrics = disc_update(disc_state, probs, axis_name=axis_name)
-    step_metrics.update(disc_metrics)
-  return seg_state, disc_state, step_metrics
 
 
 def eval_step(seg_state: TrainState, batch: dict, confusion: jax.Array, *, num_classes: int,

@@ -12,11 +12,18 @@ from jax.sharding import PartitionSpec as P
 
 import test_recipes
 from configs import test as test_config
-from segjax import models, parallel, steps, train
+from segjax import methods, models, parallel, train
 
 
 def _num_params(variables):
   return sum(x.size for x in jax.tree.leaves(variables["params"]))
+
+
+def _train_step(config, num_classes: int, mesh):
+  """The data-parallel step of config.adapt.method, as training runs it."""
+  method = methods.build(config, num_classes)
+  return parallel.data_parallel(functools.partial(method.step, axis_name="data"), mesh,
+                                in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
 
 
 @pytest.mark.parametrize("name, expected", [("fcd", 2_781_121), ("dsc", 189_424)])
@@ -51,7 +58,7 @@ def test_segmenter_trains_at_an_odd_input_size(name):
   config.data.crop_size = (97, 131)
   config.adapt.method = "source_only"
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  states, schedules = train.create_states(config, jax.random.key(0), 5, mesh)
+  states, _ = train.create_states(config, jax.random.key(0), 5, mesh)
   seg = states["seg"]
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (1, 97, 131, 3), dtype=np.uint8)
@@ -64,17 +71,15 @@ def test_segmenter_trains_at_an_odd_input_size(name):
                               jnp.zeros((1, 97, 131, 3)), train=False)
   assert eval_outputs["logits"].shape == (1, 97, 131, 5) and eval_outputs["aux"] == ()
 
-  step = parallel.data_parallel(
-      functools.partial(steps.train_step, lambda_adv=0.0, lr_fn=schedules["seg"],
-                        mean=(0.5,) * 3, std=(0.25,) * 3,
-                        aux_weights=(0.4,) * len(outputs["aux"])),
-      mesh, in_specs=(P(), P(), P("data"), P()), out_specs=(P(), P(), P()))
+  config.loss.aux_weights = (0.4,) * len(outputs["aux"])
+  step = _train_step(config, 5, mesh)
   batch = {"source": {"image": images, "label": rng.integers(0, 5, (1, 97, 131)).astype(np.uint8)}}
   before = jax.tree.map(np.asarray, seg.params)
   for i in range(2):
-    seg, _, metrics = step(seg, None, parallel.to_global(batch, mesh), jax.random.key(i))
+    states, metrics = step(states, parallel.to_global(batch, mesh), jax.random.key(i))
     assert np.isfinite(float(metrics["loss_seg"]))
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, seg.params)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before,
+                         states["seg"].params)
   assert any(jax.tree.leaves(changed))
 
 
@@ -89,19 +94,16 @@ def test_adaptation_trains_with_the_light_discriminator():
   config = test_config.get_config()
   config.disc.name = "dsc"
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  states, schedules = train.create_states(config, jax.random.key(0), 8, mesh)
-  step = parallel.data_parallel(
-      functools.partial(steps.train_step, lambda_adv=0.1, lr_fn=schedules["seg"],
-                        mean=(0.5,) * 3, std=(0.25,) * 3),
-      mesh, in_specs=(P(), P(), P("data"), P()), out_specs=(P(), P(), P()))
+  config.adapt.lambda_adv = 0.1
+  states, _ = train.create_states(config, jax.random.key(0), 8, mesh)
+  step = _train_step(config, 8, mesh)
   rng = np.random.default_rng(0)
   batch = {"source": {"image": rng.integers(0, 256, (2, 32, 64, 3), dtype=np.uint8),
                       "label": rng.integers(0, 8, (2, 32, 64)).astype(np.uint8)},
            "target": {"image": rng.integers(0, 256, (2, 32, 64, 3), dtype=np.uint8)}}
-  seg, disc = states["seg"], states["disc"]
   losses = []
   for i in range(3):
-    seg, disc, metrics = step(seg, disc, parallel.to_global(batch, mesh), jax.random.key(i))
+    states, metrics = step(states, parallel.to_global(batch, mesh), jax.random.key(i))
     losses.append(float(metrics["loss_disc"]))
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
@@ -113,20 +115,17 @@ def _train_losses(dtype: str, num_steps: int) -> tuple[list[float], dict]:
   config.optim.seg.lr = 0.1
   config.adapt.method = "source_only"
   mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
-  states, schedules = train.create_states(config, jax.random.key(0), 8, mesh)
-  step = parallel.data_parallel(
-      functools.partial(steps.train_step, lambda_adv=0.0, lr_fn=schedules["seg"],
-                        mean=(0.5,) * 3, std=(0.25,) * 3),
-      mesh, in_specs=(P(), P(), P("data"), P()), out_specs=(P(), P(), P()))
+  states, _ = train.create_states(config, jax.random.key(0), 8, mesh)
+  step = _train_step(config, 8, mesh)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4, 32, 64, 3), dtype=np.uint8)
   labels = (images[..., 0] // 32).astype(np.uint8)  # Learnable from the pixels.
   batch = parallel.to_global({"source": {"image": images, "label": labels}}, mesh)
-  seg, losses = states["seg"], []
+  losses = []
   for i in range(num_steps):
-    seg, _, metrics = step(seg, None, batch, jax.random.key(i))
+    states, metrics = step(states, batch, jax.random.key(i))
     losses.append(float(metrics["loss_seg"]))
-  return losses, seg.params
+  return losses, states["seg"].params
 
 
 def test_bfloat16_compute_trains_like_float32_with_float32_parameters():
