@@ -34,8 +34,11 @@ from segjax.models import deeplab, weights
 from segjax.models.backbones import VGG16, ResNet
 from segjax.tools import convert_weights
 
-torch = pytest.importorskip("torch", reason="the torchvision reference networks need PyTorch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+import needs  # pylint: disable=wrong-import-order
+
+torch = needs.package("torch", "the torchvision reference networks need PyTorch")
+safetensors_torch = needs.package("safetensors.torch", "the references' state dicts are saved "
+                                  "as .safetensors")
 tnn = torch.nn
 F = torch.nn.functional
 

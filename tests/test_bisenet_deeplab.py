@@ -2,13 +2,13 @@
 
 Expected counts are written out from each reference's layer list (with
 torchvision's published ResNet counts for the trunks); the peer benchmark's
-PyTorch models (bench/peers/models_torch.py) are counted and run where torch
-and that file are present. ResNet-101 models are only traced (jax.eval_shape).
+PyTorch models (shared/bench/peers/models_torch.py, beside the clone) are
+counted and run, which needs torch and that file (tests/needs.py). ResNet-101
+models are only traced (jax.eval_shape).
 """
 
 import functools
 import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,8 @@ from segjax import models
 from segjax.models import deeplab, layers, weights
 from segjax.models.backbones.resnet import ResNet
 
-PEERS_PATH = "/work/shared/bench/peers/models_torch.py"
+import needs  # pylint: disable=wrong-import-order
+
 NUM_CLASSES = 19
 # torchvision's published parameter counts of resnet18/50/101, less the ImageNet classifier.
 TORCHVISION_TRUNK = {18: 11_689_512 - (512 * 1000 + 1000),
@@ -123,10 +124,9 @@ def test_reference_trunk_counts_are_torchvisions():
 
 @pytest.fixture(scope="module")
 def peers():
-  torch = pytest.importorskip("torch", reason="the peer models are PyTorch modules")
-  if not os.path.isfile(PEERS_PATH):
-    pytest.skip(f"{PEERS_PATH} is absent")
-  spec = importlib.util.spec_from_file_location("models_torch", PEERS_PATH)
+  torch = needs.package("torch", "the peer models are PyTorch modules")
+  spec = importlib.util.spec_from_file_location("models_torch",
+                                                needs.shared("bench/peers/models_torch.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return torch, module
@@ -270,7 +270,7 @@ class AdventClassifier(AdaptSegNetClassifier):
 @pytest.mark.parametrize("branches, reference", [(2, AdaptSegNetClassifier),
                                                  (4, AdventClassifier)])
 def test_aspp_v2_branches_reproduce_adaptsegnet_and_advent(branches, reference):
-  torch = pytest.importorskip("torch", reason="the reference classifiers are PyTorch code")
+  torch = needs.package("torch", "the reference classifiers are PyTorch code")
   torch.manual_seed(0)
   convs = [torch.nn.Conv2d(16, 5, 3, padding=d, dilation=d) for d in (6, 12, 18, 24)]
   x = np.random.default_rng(0).standard_normal((1, 29, 37, 16)).astype(np.float32)
@@ -295,7 +295,7 @@ def test_aspp_v2_two_branches_differ_from_four():
 
 
 def test_deeplabv2_upsamples_with_aligned_corners():
-  torch = pytest.importorskip("torch", reason="compared with F.interpolate(align_corners=True)")
+  torch = needs.package("torch", "compared with F.interpolate(align_corners=True)")
   x = np.random.default_rng(0).standard_normal((2, 5, 7, 3)).astype(np.float32)
   expected = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), (33, 47),
                                              mode="bilinear", align_corners=True)

@@ -1,7 +1,7 @@
 """The dataset tools: check_data, data_stats, cache_data, on real fixtures and small broken trees.
 
 Broken trees are written here in the datasets' exact layouts and formats (32x64
-PNGs); the real samples are read from /work/shared/fixtures, never copied.
+PNGs); the real samples are read from the shared fixtures (tests/needs.py), never copied.
 """
 
 import json
@@ -19,15 +19,9 @@ from segjax import data
 from segjax.data import files, labels, readers, synthetic
 from segjax.tools import cache_data, check_data, data_cli, data_stats
 
+import needs  # pylint: disable=wrong-import-order
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.environ.get("SEGJAX_FIXTURES", "/work/shared/fixtures")
-
-
-def _fixture(name: str) -> str:
-  path = os.path.join(FIXTURES, name)
-  if not os.path.isdir(path):
-    pytest.skip(f"the real-data fixture {path} is absent")
-  return path
 
 
 def no_progress(iterable, **_):
@@ -200,9 +194,10 @@ def test_check_data_size_mismatch_is_a_warning_where_labels_are_resized(tmp_path
 
 
 def test_check_data_passes_the_real_fixtures(capsys):
-  config = _config(source=recipes.real_dataset("cityscapes", _fixture("cityscapes"), "train"),
-                   target=recipes.real_dataset("kitti_road", _fixture("kitti_road"), "trainval"),
-                   eval_=recipes.real_dataset("voc", _fixture("voc"), "all"))
+  config = _config(
+      source=recipes.real_dataset("cityscapes", needs.fixtures("cityscapes"), "train"),
+      target=recipes.real_dataset("kitti_road", needs.fixtures("kitti_road"), "trainval"),
+      eval_=recipes.real_dataset("voc", needs.fixtures("voc"), "all"))
   assert check_data.check(config, progress=no_progress) == 0
   out = capsys.readouterr().out
   assert "3 image/label pairs listed: 3 read without problems" in out
@@ -304,7 +299,7 @@ def _assert_same_records(cached, original, exact: bool) -> None:
 
 def test_cache_data_builds_the_cache_that_runs_then_read(tmp_path, capsys):
   cache_dir = str(tmp_path / "cache")
-  root = _fixture("cityscapes")
+  root = needs.fixtures("cityscapes")
   config = _config(
       source=recipes.real_dataset("cityscapes", root, "train", resize=(256, 512),
                                   cache_dir=cache_dir),

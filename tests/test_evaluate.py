@@ -20,25 +20,20 @@ import pytest
 from PIL import Image
 
 import e2e
+import needs
 from configs import recipes, test_cityscapes
 from segjax import checkpointing, data, evaluate, predict
 from segjax.data import labels as labels_lib
 
-FIXTURE = os.environ.get("SEGJAX_CITYSCAPES_FIXTURE", "/work/shared/fixtures/cityscapes")
+FIXTURE = os.path.join(needs.fixtures_root(), "cityscapes")  # Checked by `trained_run`.
 TRAINED_STEP = 2  # configs/test_cityscapes.py: num_train_steps, evaluated and checkpointed.
 TOLERANCE = 1e-6
-
-
-def _require_fixture():
-  if not os.path.isdir(os.path.join(FIXTURE, "gtFine")):
-    pytest.skip(f"No Cityscapes fixture at {FIXTURE} (set SEGJAX_CITYSCAPES_FIXTURE to a tree "
-                "with leftImg8bit/ and gtFine/ train and val splits).")
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, cache_dir):
   """The workdir of a two-step run on the fixture, trained by `python -m segjax.main`."""
-  _require_fixture()
+  needs.fixtures("cityscapes/gtFine")
   workdir = str(tmp_path_factory.mktemp("cityscapes_run"))
   proc = subprocess.run(
       [sys.executable, "-m", "segjax.main", f"--config=configs/test_cityscapes.py:{FIXTURE}",

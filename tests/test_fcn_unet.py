@@ -16,6 +16,8 @@ from flax import traverse_util
 from segjax import parallel
 from segjax.models import build_discriminator, build_segmenter, fcn, layers, unet
 
+import needs  # pylint: disable=wrong-import-order
+
 NUM_CLASSES = 5
 
 
@@ -46,7 +48,7 @@ def _model_config(name, **fields):
 
 @pytest.fixture(scope="module")
 def torch():
-  return pytest.importorskip("torch", reason="the PyTorch references need torch installed")
+  return needs.package("torch", "the PyTorch references need torch installed")
 
 
 @pytest.fixture(scope="module")

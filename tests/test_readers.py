@@ -1,8 +1,8 @@
 """Readers of the real datasets: right images and train ids, on real fixtures and faithful files.
 
-Real samples (Cityscapes, KITTI Road, VOC) come from $SEGJAX_FIXTURES (default
-/work/shared/fixtures) when present; GTA5, SYNTHIA and NTHU cross-city files
-are written here in their exact formats (palette PNGs, 16-bit multi-channel PNGs, the NTHU layout). The
+Real samples (Cityscapes, KITTI Road, VOC) come from the shared fixtures
+(tests/needs.py); GTA5, SYNTHIA and NTHU cross-city files are written here in
+their exact formats (palette PNGs, 16-bit multi-channel PNGs, the NTHU layout). The
 expected train ids are checked against the published mappings written out
 below as UDA-REFERENCE.md section 3 gives them, not against segjax's tables.
 """
@@ -20,9 +20,8 @@ from configs import recipes
 from segjax import data
 from segjax.data import files, labels, pipeline, readers
 
-FIXTURES = os.environ.get("SEGJAX_FIXTURES", "/work/shared/fixtures")
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES),
-                                    reason=f"the real-data fixtures ({FIXTURES}) are absent")
+import needs  # pylint: disable=wrong-import-order
+
 
 # UDA-REFERENCE.md 3a / 3d (GTA5 id_to_trainid) and 3e (DAFormer/BDL SYNTHIA mapping).
 ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
@@ -57,7 +56,8 @@ def test_cityscapes_table_matches_the_published_mapping_and_cityscapesscripts():
   assert len(labels.CITYSCAPES_CLASSES) == 19 and labels.CITYSCAPES_CLASSES[18] == "bicycle"
   table = readers.CITYSCAPES_IDS.table
   assert [table[i] for i in range(34)] == [ID_TO_TRAINID.get(i, 255) for i in range(34)]
-  cs_labels = pytest.importorskip("cityscapesscripts.helpers.labels")
+  cs_labels = needs.package("cityscapesscripts.helpers.labels",
+                            "the official Cityscapes label table")
   for label in cs_labels.labels:
     if label.id < 0:
       continue
@@ -83,13 +83,12 @@ def test_voc_colormap_is_the_standard_one():
 
 # ---- Real fixtures.
 
-@needs_fixtures
 def test_cityscapes_fixture_labels_are_the_mapped_label_ids():
-  root = os.path.join(FIXTURES, "cityscapes")
+  root = needs.fixtures("cityscapes")
   source = _source("cityscapes", root, "train")
   assert len(source) == 3
-  with open(os.path.join(FIXTURES, "lists", "adaptsegnet", "cityscapes_list",
-                         "info.json"), encoding="utf-8") as f:
+  with open(needs.fixtures("lists/adaptsegnet/cityscapes_list/info.json"),
+            encoding="utf-8") as f:
     label2train = dict(json.load(f)["label2train"])
   for index, (image_path, label_path) in enumerate(source.pairs):
     assert image_path.endswith("_leftImg8bit.png") and label_path.endswith("_gtFine_labelIds.png")
@@ -103,9 +102,8 @@ def test_cityscapes_fixture_labels_are_the_mapped_label_ids():
   assert record["image"].shape == (1024, 2048, 3)
 
 
-@needs_fixtures
 def test_cityscapes_cities_lists_resize_and_test_split(tmp_path):
-  root = os.path.join(FIXTURES, "cityscapes")
+  root = needs.fixtures("cityscapes")
   bochum = _source("cityscapes", root, "train", cities=("bochum",), resize=(256, 512))
   assert len(bochum) == 1 and "bochum" in bochum.pairs[0][0]
   record = bochum[0]
@@ -125,9 +123,8 @@ def test_cityscapes_cities_lists_resize_and_test_split(tmp_path):
     _source("cityscapes", root, "train", list_file=str(listed))
 
 
-@needs_fixtures
 def test_kitti_road_fixture_follows_the_devkit():
-  source = _source("kitti_road", os.path.join(FIXTURES, "kitti_road"), "trainval")
+  source = _source("kitti_road", needs.fixtures("kitti_road"), "trainval")
   image_path, label_path = source.pairs[0]
   assert label_path.endswith("gt_image_2/um_road_000000.png")
   record = source[0]
@@ -138,13 +135,12 @@ def test_kitti_road_fixture_follows_the_devkit():
   np.testing.assert_array_equal(record["label"] == 255, ~valid)
   assert road.any() and (~valid).any() and (valid & ~road).any()
   assert record["image"].shape == (375, 1242, 3)
-  assert len(_source("kitti_road", os.path.join(FIXTURES, "kitti_road", "data_road"),
+  assert len(_source("kitti_road", needs.fixtures("kitti_road/data_road"),
                      "testing")) == 1
 
 
-@needs_fixtures
 def test_voc_fixture_reads_palette_indices_with_255_kept(tmp_path):
-  root = os.path.join(FIXTURES, "voc")
+  root = needs.fixtures("voc")
   source = _source("voc", root, "all")
   assert len(source) == 2
   for index, (image_path, label_path) in enumerate(source.pairs):
@@ -240,7 +236,7 @@ def test_crosscity_layout_and_13_classes(tmp_path):
 
 
 def test_tfds_prepared_dataset_is_read_with_random_access(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
+  tfds = needs.package("tensorflow_datasets", "a dependency of segjax")
   import io  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(3)
@@ -338,10 +334,9 @@ def test_truncated_images_and_bad_labels_fail_or_are_skipped_and_counted(tmp_pat
 
 # ---- Into the Grain pipeline.
 
-@needs_fixtures
 def test_real_data_feeds_training_and_padded_evaluation():
   config = recipes.base("compact")
-  root = os.path.join(FIXTURES, "cityscapes")
+  root = needs.fixtures("cityscapes")
   config.data.source = recipes.real_dataset("cityscapes", root, "train", resize=(64, 128))
   config.data.target = recipes.real_dataset("cityscapes", root, "val", resize=(64, 128))
   config.data.crop_size = (48, 96)
@@ -351,7 +346,7 @@ def test_real_data_feeds_training_and_padded_evaluation():
   assert batch["source"]["image"].shape == (2, 48, 96, 3)
   assert batch["source"]["label"].shape == (2, 48, 96) and "label" not in batch["target"]
   assert set(np.unique(batch["source"]["label"])) <= set(range(19)) | {255}
-  config.data.eval = recipes.real_dataset("voc", os.path.join(FIXTURES, "voc"), "all",
+  config.data.eval = recipes.real_dataset("voc", needs.fixtures("voc"), "all",
                                           pad_to=(500, 500))
   config.eval_batch_size = 4
   eval_ds, length = pipeline.eval_dataset(config, process_index=0, process_count=1)

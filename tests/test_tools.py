@@ -9,6 +9,8 @@ import pytest
 
 from segjax.tools import convert_weights
 
+import needs  # pylint: disable=wrong-import-order
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,7 +41,7 @@ def _assert_same(actual: dict, expected: dict) -> None:
 
 def test_pth_converts_exactly_to_safetensors(tmp_path):
   """A DataParallel checkpoint ('state_dict' wrapper, 'module.' keys) becomes plain keys."""
-  torch = pytest.importorskip("torch", reason="reading a .pth needs PyTorch")
+  torch = needs.package("torch", "reading a .pth needs PyTorch")
   expected = _state_dict()
   torch.save({"epoch": 3, "state_dict": {f"module.{k}": torch.from_numpy(v)
                                          for k, v in expected.items()}},
