@@ -38,11 +38,13 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
+from etils import epath
 from PIL import Image
 
-from segjax import (checkpointing, cli, data, inference, methods, metrics, parallel, reporting,
-                    train)
+from segjax import (checkpointing, cli, data, errors, inference, methods, metrics, parallel,
+                    reporting, train)
 from segjax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -50,10 +52,21 @@ EVAL_SUBDIR = "eval"
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Fails early, naming the field, on an evaluation config that cannot work."""
-  parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
-  inference.Inference.from_config(config.get("inference"))
+  """Fails early with a ConfigError naming the field on an evaluation config that cannot work."""
+  try:
+    parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
+  check_inference(config)
   check_label_space(config)
+
+
+def check_inference(config: ml_collections.ConfigDict) -> None:
+  """config.inference must describe a test-time augmentation; ConfigError naming the field."""
+  try:
+    inference.Inference.from_config(config.get("inference"))
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
 
 
 def check_label_space(config: ml_collections.ConfigDict) -> None:
@@ -61,9 +74,9 @@ def check_label_space(config: ml_collections.ConfigDict) -> None:
   source_info = data.dataset_info(config.data.source, "data.source")
   eval_info = data.dataset_info(config.data.eval, "data.eval")
   if eval_info.class_names != source_info.class_names:
-    raise ValueError(f"data.eval ({config.data.eval.name}) and data.source "
-                     f"({config.data.source.name}) do not share one label space: the checkpoint "
-                     "predicts data.source's classes.")
+    raise errors.ConfigError(f"data.eval ({config.data.eval.name}) and data.source "
+                             f"({config.data.source.name}) do not share one label space: the "
+                             "checkpoint predicts data.source's classes.")
 
 
 def restore_segmenter(config: ml_collections.ConfigDict, workdir: str, checkpoint: str,
@@ -74,10 +87,12 @@ def restore_segmenter(config: ml_collections.ConfigDict, workdir: str, checkpoin
   model (MPL's 'teacher', self_training's 'ema'); it comes back as a
   segmenter TrainState with that state's parameters and BatchNorm statistics.
   Only the items needed are read: the discriminators and the data iterator
-  stay on disk. CheckpointError, naming the method's states, for any other.
+  stay on disk. CheckpointError, naming the method's states, for any other;
+  and, for a checkpoint of another model, width, number of classes or
+  optimizer than `config`'s, naming what differs (`describe_mismatch`).
   """
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1,
-                                    read_only=True)
+  directory = os.path.join(workdir, "checkpoints")
+  ckpt = checkpointing.Checkpointer(directory, max_to_keep=1, read_only=True)
   try:
     step = ckpt.select_step(checkpoint)
     num_classes = data.dataset_info(config.data.source, "data.source").num_classes
@@ -85,6 +100,12 @@ def restore_segmenter(config: ml_collections.ConfigDict, workdir: str, checkpoin
     if state != "seg":  # 'seg' gives the TrainState around the other state's variables.
       targets[state] = _abstract_segmenter_state(config, num_classes, mesh, state,
                                                  targets["seg"].params)
+    # Checked before restoring: Orbax's errors name neither the array nor the config field.
+    mismatch = describe_mismatch(config, workdir, step, targets, num_classes)
+    if mismatch:
+      raise checkpointing.CheckpointError(
+          f"--checkpoint={checkpoint} (step {step} of {workdir}) does not fit this config: "
+          f"{mismatch}")
     restored = ckpt.restore_states(step, targets)
   finally:
     ckpt.close()
@@ -96,6 +117,114 @@ def restore_segmenter(config: ml_collections.ConfigDict, workdir: str, checkpoin
   logging.info("Restored the segmenter %r of step %d (--checkpoint=%s) from %s.", state, step,
                checkpoint, workdir)
   return seg_state, step
+
+
+def describe_mismatch(config: ml_collections.ConfigDict, workdir: str, step: int,
+                      targets: dict, num_classes: int) -> str | None:
+  """What differs between the checkpoint's states and the restore `targets` built from
+  `config`, and the config fields likely responsible; None if nothing is found to differ.
+
+  Compares the arrays' paths and shapes with those the checkpoint stores
+  (`_stored_shapes`): the first parameter (or BatchNorm statistic) the two
+  do not share or whose shape differs, else the first differing optimizer
+  state. Then the fields that shape these: those that differ from the run's
+  own config.json when the workdir has one, else their values here.
+  """
+  for name, target in targets.items():
+    stored = _stored_shapes(workdir, step, name)
+    if stored is None:
+      return None
+    wanted = _shapes(target)
+    difference = (_first_difference(stored, wanted, "params")
+                  or _first_difference(stored, wanted, "batch_stats")
+                  or _first_difference(stored, wanted, ""))
+    if difference is None:
+      continue
+    path, in_checkpoint, here = difference
+    model_part = path.split("/")[0] in ("params", "batch_stats")
+    fields = (("model.", "data.source.name", "data.source.label_space") if model_part
+              else ("optim.seg.",))
+    what = (f"the state {name!r}: {path} is {_show(in_checkpoint)} in the checkpoint and "
+            f"{_show(here)} for this config")
+    return f"{what}. {_responsible_fields(config, workdir, fields, num_classes, model_part)}"
+  return None
+
+
+def _stored_shapes(workdir: str, step: int, name: str) -> dict[str, tuple] | None:
+  """{array path: shape} of the state `name` in the checkpoint of `step`, read from its
+  metadata (no array is read); None if it cannot be read."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    metadata = handler.metadata(epath.Path(workdir, "checkpoints", str(step), name))
+  except (OSError, ValueError):
+    return None
+  finally:
+    handler.close()
+  return _shapes(metadata.tree)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """{'params/Conv_0/kernel': shape} of a pytree of arrays (or their metadata)."""
+  def key_name(key) -> str:
+    for attribute in ("key", "name", "idx"):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _first_difference(stored: dict, wanted: dict, part: str):
+  """(path, shape in the checkpoint or None, shape wanted or None) of the first array under
+  the top-level `part` (any if empty) that is missing on one side or shaped differently."""
+  for path in sorted(set(stored) | set(wanted)):
+    if path.startswith(part) and stored.get(path) != wanted.get(path):
+      return path, stored.get(path), wanted.get(path)
+  return None
+
+
+def _show(shape: tuple | None) -> str:
+  return "absent" if shape is None else str(shape)
+
+
+def _responsible_fields(config: ml_collections.ConfigDict, workdir: str,
+                        prefixes: tuple[str, ...], num_classes: int, model_part: bool) -> str:
+  """The config fields starting with one of `prefixes` that differ from the run's config.json,
+  or, without one, those fields' values here (and the number of classes for the model)."""
+  here = _flatten(config.to_dict())
+  path = os.path.join(workdir, "config.json")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      trained = _flatten(json.load(f))
+    differ = [key for key in sorted(set(here) | set(trained))
+              if key.startswith(prefixes) and _comparable(here.get(key)) !=
+              _comparable(trained.get(key))]
+    if differ:
+      fix = " ".join(f"--config.{key}={trained[key]}" for key in differ if key in trained)
+      return ("These fields differ from the run's config.json: " + "; ".join(
+          f"{key}: {trained.get(key, 'absent')!r} in the run, {here.get(key, 'absent')!r} here"
+          for key in differ) + (f". Pass the run's values: {fix}" if fix else "."))
+  shown = [f"{key}={here[key]!r}" for key in sorted(here) if key.startswith(prefixes)]
+  classes = (f" and the {num_classes} classes of data.source ({config.data.source.name})"
+             if model_part else "")
+  return (f"The fields that shape it are {', '.join(shown)}{classes}: pass the training run's "
+          "config and overrides.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _comparable(value):
+  """JSON's view of a value: config.json stores tuples as lists."""
+  return json.loads(json.dumps(value, default=str))
 
 
 def _field(state, name: str):
@@ -312,11 +441,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   reporting.quiet_libraries()
   parallel.log_topology()
-  try:
-    evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.save_predictions,
-                        FLAGS.state)
-  except (checkpointing.CheckpointError, data.DataError) as e:
-    raise SystemExit(f"segjax.evaluate: {e}") from e
+  evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.save_predictions,
+                      FLAGS.state)
 
 
 def define_flags():
@@ -330,4 +456,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

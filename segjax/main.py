@@ -4,13 +4,15 @@ Any config field can be overridden on the command line, e.g.
 `--config.batch_size=16 --config.adapt.lambda_adv=0.01`. Rerunning the same
 command on the same workdir resumes from its latest checkpoint. As one process
 of several (a SLURM job, or launch/local.py), it joins the job before JAX is
-touched.
+touched. A config or workdir that cannot work stops it before anything is
+built, with one message naming the field or folder (exit status 1; 2 for a
+bad command line; `segjax.cli`).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segjax import parallel, reporting, train
+from segjax import cli, errors, parallel, reporting, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard files.")
@@ -30,8 +32,15 @@ def main(argv):
                                   FLAGS.process_id)
   parallel.log_topology()
   logging.info("Config:\n%s", FLAGS.config)
+  # train_and_evaluate runs these checks too (they cost milliseconds); here every error they
+  # raise is the user's, named by field or folder, so it is printed without a traceback.
+  try:
+    train.validate_config(FLAGS.config)
+    train.prepare_workdir(FLAGS.workdir)
+  except (ValueError, OSError) as e:
+    raise errors.UserError(str(e)) from e
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,8 +22,14 @@ The segmenter is restored read-only from {workdir}/checkpoints (--checkpoint:
 'latest', 'best' or a step number; --state: 'seg', or MPL's 'teacher',
 self_training's 'ema') onto one device; images are predicted one
 at a time (one compilation per distinct image size).
+
+An image that cannot be read (truncated, not an image) is skipped with a
+warning naming it, so every readable image gets its predictions; the end
+counts the skipped ones, and the exit status is then 1, so that a script
+notices.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -35,7 +41,7 @@ from absl import app, flags, logging
 from jax.sharding import Mesh
 from PIL import Image
 
-from segjax import checkpointing, cli, data, evaluate, inference, parallel, reporting, steps
+from segjax import cli, data, errors, evaluate, inference, parallel, reporting, steps
 from segjax.data import files
 
 FLAGS = flags.FLAGS
@@ -77,11 +83,22 @@ def _resize(image: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC))
 
 
+@dataclasses.dataclass
+class Predicted:
+  """What `predict_folder` did: the images written, and why each unreadable one was skipped."""
+  written: int
+  unreadable: list[str]
+
+
 def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_dir: str,
-                   output_dir: str, checkpoint: str = "latest", state: str = "seg") -> int:
-  """Writes the predictions of every image under `input_dir`; returns the number of images."""
+                   output_dir: str, checkpoint: str = "latest", state: str = "seg") -> Predicted:
+  """Writes the predictions of every readable image under `input_dir`.
+
+  An unreadable image is skipped (a warning names it); DataError if none can
+  be read.
+  """
   evaluate.check_label_space(config)
-  inference.Inference.from_config(config.get("inference"))
+  evaluate.check_inference(config)
   info = data.dataset_info(config.data.eval, "data.eval")
   images = list_images(input_dir, exclude=output_dir)
   mesh = Mesh(np.asarray(jax.local_devices()[:1]), (parallel.DATA_AXIS,))
@@ -95,8 +112,14 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_dir: s
       label_ids[train_id] = label_id
   logging.info("Predicting %d images under %s with the segmenter of step %d.", len(images),
                input_dir, step)
+  done = Predicted(written=0, unreadable=[])
   for relative in tqdm.tqdm(images, desc="segjax.predict", unit="img"):
-    image = files.read_image(os.path.join(input_dir, relative))
+    try:
+      image = files.read_image(os.path.join(input_dir, relative))
+    except data.DataError as e:
+      logging.warning("Skipped: %s", e)
+      done.unreadable.append(str(e))
+      continue
     native = image.shape[:2]
     batch = jax.device_put(_resize(image, size)[None], parallel.replicated(mesh))
     train_ids = np.asarray(predictor(seg_state, batch, native)[0]).astype(np.uint8)
@@ -107,19 +130,26 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_dir: s
       Image.fromarray(label_ids[train_ids]).save(stem + "_labelIds.png")
     Image.fromarray(reporting.colorize(train_ids, info.palette)).save(stem + "_color.png")
     Image.fromarray(reporting.overlay(image, train_ids, info.palette)).save(stem + "_overlay.png")
-  logging.info("Wrote the predictions of %d images to %s.", len(images), output_dir)
-  return len(images)
+    done.written += 1
+  if not done.written:
+    raise data.DataError(f"None of the {len(images)} images under --input={input_dir} could be "
+                         f"read, e.g. {done.unreadable[0]}")
+  return done
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   reporting.quiet_libraries()
-  try:
-    predict_folder(FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.checkpoint,
-                   FLAGS.state)
-  except (checkpointing.CheckpointError, data.DataError) as e:
-    raise SystemExit(f"segjax.predict: {e}") from e
+  done = predict_folder(FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output,
+                        FLAGS.checkpoint, FLAGS.state)
+  print(f"Wrote the predictions of {done.written} images to {FLAGS.output}.", flush=True)
+  if done.unreadable:
+    shown = "\n  ".join(done.unreadable[:10])
+    more = f"\n  ... and {len(done.unreadable) - 10} more" if len(done.unreadable) > 10 else ""
+    raise errors.UserError(f"{len(done.unreadable)} of {done.written + len(done.unreadable)} "
+                           f"images under --input={FLAGS.input} could not be read, so they have "
+                           f"no predictions:\n  {shown}{more}")
 
 
 def define_flags():
@@ -133,4 +163,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,10 +1,13 @@
 """Built-in street scenes, per-record augmentation and the Grain pipelines."""
 
+import logging
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import test as test_config
-from segjax.data import augment, pipeline, synthetic
+from segjax.data import augment, files, pipeline, synthetic
 
 
 def _take(iterator, n):
@@ -131,3 +134,19 @@ def test_eval_split_is_padded_with_ignore_only_records():
   assert length == 11 and len(batches) == 2
   labels = np.concatenate([b["label"] for b in batches])
   assert np.all(labels[11:] == 255) and np.all(labels[:11] != 255)
+
+
+def test_a_skipped_file_is_warned_about_once_however_often_it_is_drawn(tmp_path, caplog):
+  good = [str(tmp_path / f"good{i}.png") for i in range(2)]
+  for i, path in enumerate(good):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(path)
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(b"\x89PNG truncated")
+  source = files.FileSource("toy", [(good[0], None), (str(bad), None), (good[1], None)], None,
+                            on_error="skip")
+  with caplog.at_level(logging.WARNING):
+    drawn = [source[index % 3] for index in range(30)]  # The bad file drawn ten times.
+  np.testing.assert_array_equal(drawn[1]["image"], drawn[2]["image"])  # Replaced by the next.
+  assert source.skipped == 1
+  warnings = [r.getMessage() for r in caplog.records if str(bad) in r.getMessage()]
+  assert len(warnings) == 1 and "toy: skipping example 1 from now on" in warnings[0], warnings

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import commands
 import e2e
 import needs
 from configs import recipes, test_cityscapes
@@ -223,8 +224,8 @@ def _write_inputs(folder) -> dict[str, tuple[int, int]]:
 def test_predict_writes_label_maps_colours_and_overlays(trained_run, tmp_path):
   inputs, out = tmp_path / "inputs", tmp_path / "out"
   sizes = _write_inputs(inputs)
-  count = predict.predict_folder(_config(), trained_run, str(inputs), str(out), "best")
-  assert count == len(sizes)
+  done = predict.predict_folder(_config(), trained_run, str(inputs), str(out), "best")
+  assert done == predict.Predicted(written=len(sizes), unreadable=[])
   to_label_id = np.zeros(256, np.uint8)
   for train_id, label_id in labels_lib.CITYSCAPES_TRAIN_TO_ID.items():
     to_label_id[train_id] = label_id
@@ -260,3 +261,47 @@ def test_predict_errors_name_the_folder_or_file(trained_run, tmp_path):
   (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG not really")
   with pytest.raises(data.DataError, match=r"Cannot read the image .*bad/broken.png"):
     predict.predict_folder(config, trained_run, str(tmp_path / "bad"), str(tmp_path / "o"))
+
+
+def test_a_checkpoint_of_another_model_names_what_differs(trained_run):
+  config = _config()
+  config.model.width = 16
+  with pytest.raises(checkpointing.CheckpointError) as error:
+    evaluate.evaluate_checkpoint(config, trained_run)
+  message = str(error.value)
+  assert message.startswith(f"--checkpoint=latest (step {TRAINED_STEP} of {trained_run}) does "
+                            "not fit this config: the state 'seg': params/")
+  assert "is (8,) in the checkpoint and (16,) for this config" in message
+  assert message.endswith("These fields differ from the run's config.json: model.width: 8 in the "
+                          "run, 16 here. Pass the run's values: --config.model.width=8")
+  config = _config()
+  config.model.name = "unet_small"
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"and absent for this config\. These fields differ from the run's "
+                           r"config\.json: model\.name: 'compact' in the run, 'unet_small' here"):
+    evaluate.evaluate_checkpoint(config, trained_run)
+
+
+def test_the_commands_skip_unreadable_images_and_name_what_differs(trained_run, cache_dir,
+                                                                    tmp_path):
+  """predict writes every readable image's outputs, then exits 1 counting the others; evaluate
+  with another model width exits 1 naming the field (one message each, no traceback)."""
+  inputs, out = tmp_path / "inputs", tmp_path / "out"
+  inputs.mkdir()
+  Image.fromarray(np.full((32, 64, 3), 90, np.uint8)).save(inputs / "good.png")
+  (inputs / "broken.png").write_bytes(b"\x89PNG truncated")
+  config = f"--config=configs/test_cityscapes.py:{FIXTURE}"
+  predicted, mismatched = commands.run([
+      ("segjax.predict", [config, f"--workdir={trained_run}", f"--input={inputs}",
+                          f"--output={out}"]),
+      ("segjax.evaluate", [config, f"--workdir={trained_run}", "--config.model.width=16"]),
+  ], cache_dir)
+  assert predicted.returncode == 1 and "Traceback" not in predicted.stderr, predicted.stderr
+  assert f"Wrote the predictions of 1 images to {out}." in predicted.stdout
+  assert sorted(os.listdir(out)) == [f"good_{kind}.png" for kind in
+                                     ("color", "labelIds", "overlay", "trainIds")]
+  assert (f"error: segjax.predict: 1 of 2 images under --input={inputs} could not be read, so "
+          f"they have no predictions:\n  Cannot read the image {inputs / 'broken.png'}"
+          ) in predicted.stderr
+  assert mismatched.returncode == 1 and "Traceback" not in mismatched.stderr, mismatched.stderr
+  assert "Pass the run's values: --config.model.width=8\n" in mismatched.stderr

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from segjax import errors
 from segjax.data import files, labels, readers, synthetic
 from segjax.data.files import DataError, FileSource
 
@@ -178,8 +179,14 @@ DATASETS: dict[str, tuple[Callable, DatasetInfo | Callable]] = {
 
 def _entry(config: ml_collections.ConfigDict, field: str):
   if config.name not in DATASETS:
-    raise ValueError(f"Unknown dataset name {config.name!r} (config field {field}.name); "
-                     f"expected one of {sorted(DATASETS)}.")
+    raise errors.ConfigError(f"Unknown dataset name {config.name!r} (config field {field}.name); "
+                             f"expected one of {sorted(DATASETS)}.")
+  # A sub-config of the built-in scenes renamed on the command line has no place for a root.
+  where = "tfds_name" if config.name == "tfds" else "root"
+  if config.name != "street_scenes" and where not in config:
+    raise DataError(f"{field}.name={config.name!r}: {field} has the fields of the built-in "
+                    f"street scenes ({', '.join(config.keys())}), not a real dataset's ({where}, "
+                    f"resize, on_error, ...); {errors.REAL_DATASETS}.")
   return DATASETS[config.name]
 
 

@@ -14,7 +14,8 @@ label/image size mismatch) raises a `DataError` naming the file and the
 problem (a subclass per kind: `MissingFile`, `UnreadableFile`,
 `BadLabelFormat`, `BadLabelValues`, `SizeMismatch`), or, with
 `on_error='skip'`, is replaced by the next readable record and counted
-(`FileSource.skipped`, and a warning naming the file). A label whose size
+(`FileSource.skipped`). Each bad example is warned about once, naming its
+file, and not read again: a run draws it many times over its epochs. A label whose size
 differs from its image follows `on_size_mismatch`: 'fail' (an error, or a
 skip under on_error='skip'), 'skip', or 'resize' (the label is resized to the
 image, nearest neighbour: the GTA5 fixer's policy). A label is never guessed.
@@ -41,12 +42,14 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from segjax import errors
+
 
 CACHE_MANIFEST = "manifest.json"
 _CACHE_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """A dataset tree or file that cannot be used; the message names it and says what was expected."""
 
 
@@ -187,19 +190,25 @@ class FileSource:
   resize_labels: bool = True
   on_error: str = "fail"  # 'fail' or 'skip'.
   on_size_mismatch: str = "fail"  # 'fail', 'skip' or 'resize'.
-  skipped: int = dataclasses.field(default=0, init=False)
 
   def __post_init__(self):
     if self.on_error not in ("fail", "skip"):
-      raise ValueError(f"on_error={self.on_error!r} for {self.name}; expected 'fail' or 'skip'.")
+      raise errors.ConfigError(f"on_error={self.on_error!r} for {self.name}; expected 'fail' or "
+                               "'skip'.")
     if self.on_size_mismatch not in ("fail", "skip", "resize"):
-      raise ValueError(f"on_size_mismatch={self.on_size_mismatch!r} for {self.name}; expected "
-                       "'fail', 'skip' or 'resize'.")
+      raise errors.ConfigError(f"on_size_mismatch={self.on_size_mismatch!r} for {self.name}; "
+                               "expected 'fail', 'skip' or 'resize'.")
     if self.resize and (len(self.resize) != 2 or min(self.resize) <= 0):
-      raise ValueError(f"resize={tuple(self.resize)} for {self.name}; expected (height, width) "
-                       "with positive sizes, or () for the native size.")
+      raise errors.ConfigError(f"resize={tuple(self.resize)} for {self.name}; expected (height, "
+                               "width) with positive sizes, or () for the native size.")
     self.resize = tuple(self.resize)
     self._resized_labels: set[int] = set()
+    self._skipped: set[int] = set()  # The examples found bad, each warned about once.
+
+  @property
+  def skipped(self) -> int:
+    """The number of bad examples skipped so far (by this process)."""
+    return len(self._skipped)
 
   @property
   def labelled(self) -> bool:
@@ -214,17 +223,8 @@ class FileSource:
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < len(self):
       raise IndexError(f"Index {index} out of range for {self!r}.")
-    for offset in range(len(self)):
-      i = (index + offset) % len(self)
-      try:
-        return self.load(i)
-      except DataError as e:
-        if self.on_error != "skip" and not isinstance(e, _SizeMismatchSkip):
-          raise
-        self.skipped += 1
-        logging.warning("%s: skipping example %d (%d skipped so far): %s", self.name, i,
-                        self.skipped, e)
-    raise DataError(f"{self.name}: no example of the {len(self)} could be read.")
+    return read_or_skip(self.load, index, len(self), self._skipped, self.name,
+                        lambda e: self.on_error == "skip" or isinstance(e, _SizeMismatchSkip))
 
   def load(self, index: int) -> dict:
     """Example `index`, decoded and resized; DataError on any problem with its files."""
@@ -260,6 +260,29 @@ class FileSource:
     """The files of example `index`, for reports."""
     image_path, label_path = self.pairs[index]
     return image_path if label_path is None else f"{image_path} + {label_path}"
+
+
+def read_or_skip(load: Callable[[int], dict], index: int, length: int, skipped: set[int],
+                 name: str, skippable: Callable[[DataError], bool]) -> dict:
+  """`load(index)`, or, if that example is bad and its error `skippable`, the next readable one.
+
+  A bad example joins `skipped` (its index) and is warned about once, naming
+  its file: later calls pass over it without reading it again. DataError if
+  no example of the `length` can be read.
+  """
+  for offset in range(length):
+    i = (index + offset) % length
+    if i in skipped:
+      continue
+    try:
+      return load(i)
+    except DataError as e:
+      if not skippable(e):
+        raise
+      skipped.add(i)
+      logging.warning("%s: skipping example %d from now on (%d skipped so far): %s", name, i,
+                      len(skipped), e)
+  raise DataError(f"{name}: no example of the {length} could be read.")
 
 
 _MISSING_FILES_FAIL_ON_LOAD = contextvars.ContextVar("missing_files_fail_on_load", default=False)
@@ -339,7 +362,7 @@ def build_cache(source: FileSource, directory: str, image_format: str = "jpeg",
   Returns the manifest.
   """
   if image_format not in ("jpeg", "png"):
-    raise ValueError(f"image_format={image_format!r}; expected 'jpeg' or 'png'.")
+    raise errors.ConfigError(f"image_format={image_format!r}; expected 'jpeg' or 'png'.")
   for sub in ("images", "labels") if source.labelled else ("images",):
     os.makedirs(os.path.join(directory, sub), exist_ok=True)
   for index in progress(range(len(source)), desc=source.name, unit="img"):

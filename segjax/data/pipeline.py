@@ -17,7 +17,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from segjax import data
+from segjax import data, errors
 from segjax.data import pseudo_label_files
 from segjax.data.augment import TrainAugment
 from segjax.losses import IGNORE_LABEL
@@ -50,7 +50,7 @@ def crop_size(config: ml_collections.ConfigDict, domain: str) -> tuple[int, int]
   size = own or tuple(config.data.crop_size)
   if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
     field = f"data.{domain}.crop_size" if own else "data.crop_size"
-    raise ValueError(f"{field} must be (height, width) in positive pixels, got {size}.")
+    raise errors.ConfigError(f"{field} must be (height, width) in positive pixels, got {size}.")
   return size
 
 
@@ -115,8 +115,8 @@ def pad_record(record: dict, size: tuple[int, int], where: str) -> dict:
   height, width = size
   image, label = record["image"], record["label"]
   if image.shape[0] > height or image.shape[1] > width:
-    raise ValueError(f"An image of {image.shape[1]}x{image.shape[0]} is larger than {where}."
-                     f"pad_to={tuple(size)} (height, width); raise it.")
+    raise errors.ConfigError(f"An image of {image.shape[1]}x{image.shape[0]} is larger than "
+                             f"{where}.pad_to={tuple(size)} (height, width); raise it.")
   out = {"image": np.pad(image, ((0, height - image.shape[0]), (0, width - image.shape[1]),
                                  (0, 0)))}
   out["label"] = np.pad(label, ((0, height - label.shape[0]), (0, width - label.shape[1])),
@@ -138,8 +138,8 @@ class _EvalRecord(grain.transforms.Map):
   def map(self, index: int) -> dict:
     record = dict(self.source[min(index, self.length - 1)])
     if "label" not in record:
-      raise ValueError("The evaluation split has no labels (e.g. a test split); evaluate on a "
-                       "labelled split or use segjax.predict.")
+      raise data.DataError("The evaluation split has no labels (e.g. a test split); evaluate on "
+                           "a labelled split or use segjax.predict.")
     if self.pad_to:
       record = pad_record(record, self.pad_to, "data.eval")
     if index >= self.length:
@@ -158,8 +158,8 @@ def eval_dataset(config: ml_collections.ConfigDict, *, process_index: int,
   source = data.build_source(config.data.eval, "data.eval")
   length = len(source)
   if length == 0:
-    raise ValueError(f"The evaluation split (config.data.eval = {config.data.eval.to_dict()}) "
-                     "is empty.")
+    raise data.DataError(f"The evaluation split (config.data.eval = "
+                         f"{config.data.eval.to_dict()}) is empty.")
   global_batch = config.eval_batch_size
   padded = -(-length // global_batch) * global_batch
   pad_to = tuple(config.data.eval.get("pad_to", ()))

@@ -14,7 +14,6 @@ import os
 
 import ml_collections
 import numpy as np
-from absl import logging
 
 from segjax import data
 from segjax.data import files
@@ -90,7 +89,12 @@ class PseudoLabelSource:
     self._names = names
     self._format = label_format(num_classes)
     self._on_error = on_error
-    self.skipped = 0
+    self._skipped: set[int] = set()  # The examples found bad, each warned about once.
+
+  @property
+  def skipped(self) -> int:
+    """The number of bad examples skipped so far (by this process)."""
+    return len(self._skipped)
 
   def __len__(self) -> int:
     return len(self._names)
@@ -115,17 +119,8 @@ class PseudoLabelSource:
     return {"image": image, "label": label}
 
   def __getitem__(self, index: int) -> dict:
-    for offset in range(len(self)):
-      i = (index + offset) % len(self)
-      try:
-        return self.load(i)
-      except files.DataError as e:
-        if self._on_error != "skip":
-          raise
-        self.skipped += 1
-        logging.warning("data.target: skipping example %d (%d skipped so far): %s", i,
-                        self.skipped, e)
-    raise files.DataError("data.target: no example and pseudo label could be read.")
+    return files.read_or_skip(self.load, index, len(self), self._skipped,
+                              "data.target (pseudo labels)", lambda e: self._on_error == "skip")
 
 
 def pseudo_labelled_target(target_config: ml_collections.ConfigDict, images,

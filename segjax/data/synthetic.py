@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from segjax import errors
+
 CLASS_NAMES: tuple[str, ...] = (
     "road", "sidewalk", "building", "vegetation", "sky", "car", "person", "pole")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -125,7 +127,7 @@ _FOCAL = 1.1  # focal length as a fraction of the image width (about 50 degrees 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> int:
   if not isinstance(value, str) or value not in choices:
-    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    raise errors.ConfigError(f"{name} must be one of {choices}, got {value!r}")
   return choices.index(value)
 
 
@@ -133,9 +135,9 @@ def _check_positive(name: str, value: Any) -> int:
   try:
     value = operator.index(value)
   except TypeError:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    raise errors.ConfigError(f"{name} must be a positive integer, got {value!r}") from None
   if value <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {value}")
+    raise errors.ConfigError(f"{name} must be a positive integer, got {value}")
   return value
 
 
@@ -143,9 +145,9 @@ def _check_seed(seed: Any) -> int:
   try:
     seed = operator.index(seed)
   except TypeError:
-    raise ValueError(f"seed must be a non-negative integer, got {seed!r}") from None
+    raise errors.ConfigError(f"seed must be a non-negative integer, got {seed!r}") from None
   if seed < 0:
-    raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    raise errors.ConfigError(f"seed must be a non-negative integer, got {seed}")
   return seed
 
 

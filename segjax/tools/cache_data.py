@@ -30,7 +30,7 @@ import tqdm
 from absl import app, flags
 from ml_collections import config_flags
 
-from segjax import data
+from segjax import cli, data, errors
 from segjax.data import files
 from segjax.tools import data_cli
 
@@ -67,12 +67,12 @@ def cache_field(config: ml_collections.ConfigDict, field: str, progress=tqdm.tqd
   """
   image_format = config.get("cache_format", "jpeg")
   if image_format not in CACHE_FORMATS:
-    raise ValueError(f"{field}.cache_format={image_format!r}; expected one of "
-                     f"{list(CACHE_FORMATS)}.")
+    raise errors.ConfigError(f"{field}.cache_format={image_format!r}; expected one of "
+                             f"{list(CACHE_FORMATS)}.")
   source = data.build_source(config, field, use_cache=False)
   if not isinstance(source, files.FileSource):
-    raise ValueError(f"{field}: {config.name} is not read from image files, so it has no "
-                     f"cache; unset {field}.cache_dir.")
+    raise errors.ConfigError(f"{field}: {config.name} is not read from image files, so it has no "
+                             f"cache; unset {field}.cache_dir.")
   directory = data.cache_directory(config, source)
   already = min(_cached_images(directory), len(source))
   files.build_cache(source, directory, image_format, progress=progress)
@@ -107,11 +107,9 @@ def cache(config: ml_collections.ConfigDict, fields=data_cli.DATASET_FIELDS,
     cacheable = [field for field, sub in selected if "cache_dir" in sub]
     if not cacheable:
       raise app.UsageError(f"None of {','.join(fields)} is a dataset read from files (the "
-                           "built-in street scenes are generated): nothing to cache.",
-                           exitcode=data_cli.USAGE_EXIT_CODE)
+                           "built-in street scenes are generated): nothing to cache.")
     raise app.UsageError(f"No cache_dir is set for {','.join(fields)}: set one, e.g. "
-                         f"--config.{cacheable[0]}.cache_dir=/path/to/cache.",
-                         exitcode=data_cli.USAGE_EXIT_CODE)
+                         f"--config.{cacheable[0]}.cache_dir=/path/to/cache.")
   status = 0
   for field, sub in selected:
     print(f"== {field}: {data_cli.describe(sub)}", flush=True)
@@ -132,7 +130,7 @@ def cache(config: ml_collections.ConfigDict, fields=data_cli.DATASET_FIELDS,
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=data_cli.USAGE_EXIT_CODE)
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   return cache(FLAGS.config, FLAGS.fields)
 
 
@@ -145,4 +143,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=data_cli.parse_flags)
+  cli.run(main)

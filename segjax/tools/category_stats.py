@@ -28,7 +28,6 @@ counts it as present. The file is written to a temporary name and renamed.
 
 import json
 import os
-import sys
 from collections.abc import Callable
 
 import ml_collections
@@ -37,7 +36,7 @@ import tqdm
 from absl import app, flags
 from ml_collections import config_flags
 
-from segjax import data
+from segjax import cli, data, errors
 from segjax.data import files
 from segjax.tools import data_cli, data_stats
 
@@ -114,22 +113,23 @@ def read(path: str, class_names: tuple[str, ...], field: str) -> dict:
     with open(path, encoding="utf-8") as f:
       record = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{field}={path!r} cannot be read as JSON: {e}; {hint}.") from e
+    raise errors.ConfigError(f"{field}={path!r} cannot be read as JSON: {e}; {hint}.") from e
   missing = [k for k in ("class_names", *STAT_FIELDS) if not isinstance(record, dict)
              or not isinstance(record.get(k), list)]
   if missing:
-    raise ValueError(f"{field}={path!r} is not a category statistics file (no list {missing[0]!r});"
-                     f" {hint}.")
+    raise errors.ConfigError(f"{field}={path!r} is not a category statistics file (no list "
+                             f"{missing[0]!r}); {hint}.")
   for key in ("class_names", *STAT_FIELDS):
     if len(record[key]) != len(class_names):
-      raise ValueError(f"{field}={path!r} has {len(record[key])} classes in {key!r}; the dataset "
-                       f"has {len(class_names)} ({', '.join(class_names)}).")
+      raise errors.ConfigError(f"{field}={path!r} has {len(record[key])} classes in {key!r}; the "
+                               f"dataset has {len(class_names)} ({', '.join(class_names)}).")
   if tuple(record["class_names"]) != tuple(class_names):
-    raise ValueError(f"{field}={path!r} is for the classes {record['class_names']}, not the "
-                     f"dataset's {list(class_names)}.")
+    raise errors.ConfigError(f"{field}={path!r} is for the classes {record['class_names']}, not "
+                             f"the dataset's {list(class_names)}.")
   values = np.asarray([record[k] for k in STAT_FIELDS[:3]], np.float64)
   if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
-    raise ValueError(f"{field}={path!r}: alpha, delta and gamma must be fractions in [0, 1].")
+    raise errors.ConfigError(f"{field}={path!r}: alpha, delta and gamma must be fractions in "
+                             "[0, 1].")
   return record
 
 
@@ -144,20 +144,14 @@ def format_table(record: dict) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=data_cli.USAGE_EXIT_CODE)
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.max_examples < 0:
-    raise app.UsageError(f"--max_examples={FLAGS.max_examples}; expected 0 or more.",
-                         exitcode=data_cli.USAGE_EXIT_CODE)
+    raise app.UsageError(f"--max_examples={FLAGS.max_examples}; expected 0 or more.")
   data_cli.dataset_configs(FLAGS.config, ["data.source"], "--config")
-  try:
-    record = compute(FLAGS.config, "data.source", FLAGS.max_examples)
-  except (ValueError, ImportError) as e:  # DataError included: a problem with the data.
-    print(f"Error: {e}", file=sys.stderr)
-    return 1
+  record = compute(FLAGS.config, "data.source", FLAGS.max_examples)
   write(record, FLAGS.out)
   print(format_table(record))
   print(f"Wrote {FLAGS.out}.")
-  return 0
 
 
 def define_flags():
@@ -169,4 +163,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=data_cli.parse_flags)
+  cli.run(main)

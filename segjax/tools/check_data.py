@@ -29,7 +29,7 @@ import tqdm
 from absl import app, flags
 from ml_collections import config_flags
 
-from segjax import data
+from segjax import cli, data
 from segjax.data import files
 from segjax.tools import data_cli
 
@@ -190,10 +190,9 @@ def check(config: ml_collections.ConfigDict, fields=data_cli.DATASET_FIELDS, sho
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=data_cli.USAGE_EXIT_CODE)
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.show < 0:
-    raise app.UsageError(f"--show={FLAGS.show}; expected 0 or more.",
-                         exitcode=data_cli.USAGE_EXIT_CODE)
+    raise app.UsageError(f"--show={FLAGS.show}; expected 0 or more.")
   return check(FLAGS.config, FLAGS.fields, FLAGS.show)
 
 
@@ -206,4 +205,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=data_cli.parse_flags)
+  cli.run(main)

@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
+from segjax import cli, errors
 from segjax.models import weights
 
 FLAGS = flags.FLAGS
@@ -35,8 +36,8 @@ def convert_file(input_path: str, output_path: str) -> tuple[int, int]:
   """
   ext = os.path.splitext(output_path)[1].lower()
   if ext not in OUTPUT_FORMATS:
-    raise ValueError(f"--output={output_path!r} has extension {ext!r}; expected "
-                     f"{' or '.join(OUTPUT_FORMATS)}.")
+    raise errors.ConfigError(f"--output={output_path!r} has extension {ext!r}; expected "
+                             f"{' or '.join(OUTPUT_FORMATS)}.")
   if not os.path.isfile(input_path):
     raise FileNotFoundError(f"--input={input_path!r} does not exist.")
   folder = os.path.dirname(os.path.abspath(output_path))
@@ -77,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

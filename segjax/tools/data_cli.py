@@ -1,4 +1,4 @@
-"""What the dataset tools (check_data, data_stats, cache_data) share: config fields, flag parsing.
+"""What the dataset tools (check_data, data_stats, cache_data) share: their config fields.
 
 The tools define their flags when run as programs (`python -m
 segjax.tools.NAME`), not on import: each has a `--config` flag, like
@@ -7,13 +7,10 @@ twice, so only then can tests import them all into one process. Their logic
 is in plain functions that take a config and return an exit status.
 """
 
-import sys
-
 import ml_collections
-from absl import app, flags
+from absl import app
 
 DATASET_FIELDS = ("data.source", "data.target", "data.eval")
-USAGE_EXIT_CODE = 2  # A bad command line; 1 is a problem with the data.
 
 
 def dataset_config(config: ml_collections.ConfigDict, field: str) -> ml_collections.ConfigDict:
@@ -36,14 +33,14 @@ def dataset_configs(config: ml_collections.ConfigDict, fields: list[str],
   try:
     config.get("data")  # A config file that failed to load raises its error on any access.
   except OSError as e:
-    raise app.UsageError(f"--config: {e}", exitcode=USAGE_EXIT_CODE) from e
+    raise app.UsageError(f"--config: {e}") from e
   if not fields:
     raise app.UsageError(f"{flag} is empty; expected dataset fields such as "
-                         f"{','.join(DATASET_FIELDS)}.", exitcode=USAGE_EXIT_CODE)
+                         f"{','.join(DATASET_FIELDS)}.")
   try:
     return [(field, dataset_config(config, field)) for field in fields]
   except ValueError as e:
-    raise app.UsageError(f"{flag}: {e}", exitcode=USAGE_EXIT_CODE) from e
+    raise app.UsageError(f"{flag}: {e}") from e
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
@@ -53,13 +50,3 @@ def describe(config: ml_collections.ConfigDict) -> str:
             f"{config.num_examples} examples)")
   where = config.get("list_file") or config.get("root") or config.get("tfds_name", "")
   return f"{config.name} (split {config.get('split', '?')}) at {where}"
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing for `app.run`, exiting with status 2 (a bad command line), not 1."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(USAGE_EXIT_CODE)

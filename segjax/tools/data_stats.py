@@ -24,7 +24,6 @@ and for the real datasets; an example that cannot be read stops it (see
 
 import json
 import os
-import sys
 
 import ml_collections
 import numpy as np
@@ -36,7 +35,7 @@ from matplotlib.patches import Patch
 from ml_collections import config_flags
 from PIL import Image
 
-from segjax import data, reporting
+from segjax import cli, data, errors, reporting
 from segjax.data import files
 from segjax.tools import data_cli
 
@@ -86,8 +85,8 @@ def class_stats(source, num_classes: int, indices: list[int], keep: set[int],
       skipped += 1
       continue
     if "label" not in record:
-      raise ValueError(f"Example {index} has no label: the dataset is unlabelled; choose a "
-                       "labelled field with --field.")
+      raise errors.ConfigError(f"Example {index} has no label: the dataset is unlabelled; choose a "
+                               "labelled field with --field.")
     counts = np.bincount(record["label"].ravel(), minlength=256)[:num_classes]
     class_pixels += counts
     class_images += counts > 0
@@ -230,21 +229,14 @@ def write_stats(config: ml_collections.ConfigDict, field: str, out_dir: str,
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=data_cli.USAGE_EXIT_CODE)
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   for name in ("max_examples", "num_images"):
     if FLAGS[name].value < 0:
-      raise app.UsageError(f"--{name}={FLAGS[name].value}; expected 0 or more.",
-                           exitcode=data_cli.USAGE_EXIT_CODE)
-  try:
-    stats = write_stats(FLAGS.config, FLAGS.field, FLAGS.out, FLAGS.max_examples,
-                        FLAGS.num_images)
-  except (ValueError, ImportError) as e:  # DataError included: a problem with the data.
-    print(f"Error: {e}", file=sys.stderr)
-    return 1
+      raise app.UsageError(f"--{name}={FLAGS[name].value}; expected 0 or more.")
+  stats = write_stats(FLAGS.config, FLAGS.field, FLAGS.out, FLAGS.max_examples, FLAGS.num_images)
   print(format_table(stats))
   written = [STATS_FILE, DISTRIBUTION_FILE] + ([SAMPLES_FILE] if FLAGS.num_images else [])
   print("Wrote " + ", ".join(os.path.join(FLAGS.out, name) for name in written) + ".")
-  return 0
 
 
 def define_flags():
@@ -258,4 +250,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=data_cli.parse_flags)
+  cli.run(main)

@@ -67,8 +67,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 
-from segjax import (checkpointing, cli, data, evaluate, inference, parallel, pseudo_labels,
-                    reporting, steps)
+from segjax import (checkpointing, cli, data, errors, evaluate, inference, parallel,
+                    pseudo_labels, reporting, steps)
 from segjax.data import files, pseudo_label_files
 from segjax.losses import IGNORE_LABEL
 from segjax.methods import base
@@ -101,17 +101,17 @@ class Policy:
   def from_config(cls, adapt: ml_collections.ConfigDict, num_classes: int) -> "Policy":
     kind, scope = adapt.pl_threshold, adapt.pl_scope
     if kind not in THRESHOLD_KINDS:
-      raise ValueError(f"adapt.pl_threshold={kind!r}; expected one of {THRESHOLD_KINDS}.")
+      raise errors.ConfigError(f"adapt.pl_threshold={kind!r}; expected one of {THRESHOLD_KINDS}.")
     if scope not in SCOPES:
-      raise ValueError(f"adapt.pl_scope={scope!r}; expected one of {SCOPES}.")
+      raise errors.ConfigError(f"adapt.pl_scope={scope!r}; expected one of {SCOPES}.")
     if not 0 < adapt.pl_cap <= 1:
-      raise ValueError(f"adapt.pl_cap={adapt.pl_cap} must be in (0, 1].")
+      raise errors.ConfigError(f"adapt.pl_cap={adapt.pl_cap} must be in (0, 1].")
     for field in ("pl_portion", "pl_portion_max"):
       if not 0 < adapt[field] <= 1:
-        raise ValueError(f"adapt.{field}={adapt[field]} must be in (0, 1].")
+        raise errors.ConfigError(f"adapt.{field}={adapt[field]} must be in (0, 1].")
     if adapt.pl_portion_step < 0 or adapt.pl_round < 0:
-      raise ValueError(f"adapt.pl_portion_step={adapt.pl_portion_step} and adapt.pl_round="
-                       f"{adapt.pl_round} must be >= 0.")
+      raise errors.ConfigError(f"adapt.pl_portion_step={adapt.pl_portion_step} and adapt.pl_round="
+                               f"{adapt.pl_round} must be >= 0.")
     if kind == "median":
       return cls(kind, scope, num_classes, cap=float(adapt.pl_cap), round=int(adapt.pl_round))
     return cls(kind, scope, num_classes, portion=float(cbst_portion(adapt)),
@@ -356,7 +356,7 @@ def make_pseudo_labels(config: ml_collections.ConfigDict, workdir: str,
   Returns thresholds.json's content and what was done (`write_pseudo_labels`).
   """
   if not out:
-    raise ValueError("--out: expected the folder to write the pseudo labels to.")
+    raise errors.ConfigError("--out: expected the folder to write the pseudo labels to.")
   info = data.dataset_info(config.data.source, "data.source")
   if data.dataset_info(config.data.target, "data.target").class_names != info.class_names:
     raise files.DataError(f"data.target ({config.data.target.name}) and data.source "
@@ -366,8 +366,8 @@ def make_pseudo_labels(config: ml_collections.ConfigDict, workdir: str,
   inference.Inference.from_config(config.get("inference"))
   devices = jax.local_devices()
   if config.eval_batch_size <= 0 or config.eval_batch_size % len(devices):
-    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} must be a positive "
-                     f"multiple of the {len(devices)} local devices.")
+    raise errors.ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be a positive "
+                             f"multiple of the {len(devices)} local devices.")
   target = _without_pseudo_labels(config.data.target)
   names = pseudo_label_files.label_names(
       target, data.build_source(target, "data.target", use_cache=False))
@@ -423,11 +423,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   reporting.quiet_libraries()
-  try:
-    report, activity = make_pseudo_labels(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
-                                          FLAGS.out)
-  except (checkpointing.CheckpointError, data.DataError) as e:
-    raise SystemExit(f"segjax.tools.make_pseudo_labels: {e}") from e
+  report, activity = make_pseudo_labels(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.out)
   print(format_summary(FLAGS.out, report, activity), flush=True)
 
 
@@ -440,4 +436,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -23,9 +23,7 @@ accuracy of the labelled ones; the JSON also holds the whole confusion
 has no labels.
 """
 
-import json
 import os
-import sys
 from collections.abc import Callable
 
 import ml_collections
@@ -33,7 +31,7 @@ import numpy as np
 import tqdm
 from absl import app, flags
 
-from segjax import data
+from segjax import cli, data
 from segjax.data import files, pseudo_label_files
 from segjax.losses import IGNORE_LABEL
 from segjax.tools import category_stats
@@ -129,16 +127,11 @@ def format_table(record: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    record = score(FLAGS.labels)
-  except data.DataError as e:
-    print(f"segjax.tools.score_pseudo_labels: {e}", file=sys.stderr)
-    return 1
+  record = score(FLAGS.labels)
   print(format_table(record))
   if FLAGS.out:
     category_stats.write(record, FLAGS.out)
     print(f"Wrote {FLAGS.out}.")
-  return 0
 
 
 def define_flags():
@@ -149,4 +142,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -33,7 +33,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segjax import checkpointing, data, methods, reporting, train
+from segjax import cli, errors, methods, reporting, train
 from segjax.data import pseudo_label_files
 from segjax.tools import make_pseudo_labels
 
@@ -69,14 +69,14 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str, init_from: str, 
                progress: Callable = tqdm.tqdm) -> list[dict]:
   """Runs (or finishes) `rounds` rounds in `workdir`; a summary per round."""
   if rounds <= 0 or steps_per_round <= 0:
-    raise ValueError(f"--rounds={rounds} and --steps_per_round={steps_per_round} must be "
-                     "positive.")
+    raise errors.ConfigError(f"--rounds={rounds} and --steps_per_round={steps_per_round} must be "
+                             "positive.")
   if not methods.method_class(config.adapt.method).target_labels:
-    raise ValueError(f"adapt.method={config.adapt.method!r} does not train on pseudo labels; "
-                     "use a config of one that does, e.g. configs/pseudo_label.py.")
+    raise errors.ConfigError(f"adapt.method={config.adapt.method!r} does not train on pseudo "
+                             "labels; use a config of one that does, e.g. configs/pseudo_label.py.")
   if not init_from:
-    raise ValueError("--init_from: expected the workdir of the trained run that makes round "
-                     "0's pseudo labels.")
+    raise errors.ConfigError("--init_from: expected the workdir of the trained run that makes "
+                             "round 0's pseudo labels.")
   model = init_from
   summaries = []
   for r in range(rounds):
@@ -119,11 +119,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   reporting.quiet_libraries()
-  try:
-    summaries = run_rounds(FLAGS.config, FLAGS.workdir, FLAGS.init_from, FLAGS.rounds,
-                           FLAGS.steps_per_round, FLAGS.checkpoint)
-  except (checkpointing.CheckpointError, data.DataError) as e:
-    raise SystemExit(f"segjax.tools.self_training_rounds: {e}") from e
+  summaries = run_rounds(FLAGS.config, FLAGS.workdir, FLAGS.init_from, FLAGS.rounds,
+                         FLAGS.steps_per_round, FLAGS.checkpoint)
   print(format_table(summaries), flush=True)
 
 
@@ -144,4 +141,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)
