@@ -3,6 +3,7 @@
   python benchmarks/builtin_uda.py --seeds 0 1 2 --out runs/builtin_uda
   python benchmarks/builtin_uda.py --configs source_only adapt oracle   # a subset
   python benchmarks/builtin_uda.py --report   # the table of the runs finished so far
+  python benchmarks/builtin_uda.py --tiny --out /tmp/uda   # a smoke run, 2 steps (CI)
 
 Runs `python -m segjax.main --config=configs/<name>.py --config.seed=<seed>`
 one after another (so wall times are not inflated by sharing the CPU), then
@@ -19,6 +20,11 @@ pseudo-label run; its wall time counts the last two stages. `mpl` is the
 second stage's. The pseudo labels' precision and recall per class
 (`segjax.tools.score_pseudo_labels`, against the built-in target labels that
 training never reads) go to pseudo_labels_seed<S>_scores.json.
+
+--tiny runs the first seed of each config (by default source_only, the
+quickest to compile) for two steps on tiny scenes (TINY) with XLA's
+optimizations off, through the same code: what CI runs, so that the
+benchmark keeps working.
 """
 
 import argparse
@@ -32,6 +38,13 @@ import numpy as np
 
 CONFIGS = ("source_only", "adapt", "advent", "fcn_wild", "pseudo_label", "mpl", "self_training",
            "oracle")
+# --tiny: two steps on 32x64 scenes with a narrow network, like configs/test.py.
+TINY = ["--config.num_train_steps=2", "--config.log_every_steps=1",
+        "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
+        "--config.batch_size=2", "--config.eval_batch_size=2", "--config.num_eval_samples=1",
+        "--config.data.crop_size=(32, 64)", "--config.model.width=8", "--config.disc.width=8",
+        *(f"--config.data.{split}.{field}={value}" for split in ("source", "target", "eval")
+          for field, value in (("height", 32), ("width", 64), ("num_examples", 4)))]
 
 
 def _pseudo_label_args(seed: int, out: str, extra: list[str]) -> list[str]:
@@ -122,12 +135,19 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+  parser.add_argument("--configs", nargs="+", choices=CONFIGS,
+                      help="the configs to run (default: all; with --tiny: source_only)")
   parser.add_argument("--out", default="runs/builtin_uda")
   parser.add_argument("--report", action="store_true",
                       help="only tabulate the runs already finished in --out; run nothing")
+  parser.add_argument("--tiny", action="store_true",
+                      help="a smoke run: the first seed, two steps on tiny scenes")
   parser.add_argument("extra", nargs="*", help="extra --config.x=y overrides for every run")
   args = parser.parse_args()
+  args.configs = args.configs or (["source_only"] if args.tiny else list(CONFIGS))
+  if args.tiny:  # Compiling is most of a two-step run: XLA compiles faster without optimizing.
+    args.seeds, args.extra = args.seeds[:1], TINY + args.extra
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   if args.report:
     print(table(finished(args.configs, args.seeds, args.out), args.seeds))
     return

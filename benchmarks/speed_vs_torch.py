@@ -2,6 +2,7 @@
 
   python benchmarks/speed_vs_torch.py                       # the full table (about 30 min here)
   python benchmarks/speed_vs_torch.py --models bisenet_r18 --modes adapt --dtypes fp32
+  python benchmarks/speed_vs_torch.py --tiny                # a smoke run of every mode (CI)
 
 For each (model, mode, dtype) row it runs the segjax step and the peer's
 `bench_torch.py` (../shared/bench/peers, or --peers) in fresh processes, one
@@ -114,6 +115,8 @@ def run_jax(args, model, mode, dtype) -> dict:
          "--dtypes", dtype, "--batch", str(args.batch), "--hw", args.hw,
          "--warmup", str(args.warmup), "--iters", str(args.iters)]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+  if args.tiny:
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   return _last_json(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True))
 
 
@@ -142,8 +145,15 @@ def main():
   parser.add_argument("--torch_python", default=sys.executable,
                       help="a Python with torch installed (the peer's venv)")
   parser.add_argument("--out", default="", help="also write the records here (JSON lines)")
+  parser.add_argument("--tiny", action="store_true",
+                      help="a smoke run: BiSeNet-R18, every mode once at batch 2 (the peer's "
+                      "BatchNorm needs 2), 32x64, fp32, no warm-up, and XLA's optimizations "
+                      "off to compile faster; the times mean nothing")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.tiny:
+    args.models, args.dtypes, args.batch, args.hw, args.warmup, args.iters = (
+        ["bisenet_r18"], ["fp32"], 2, "32x64", 0, 1)
   hw = tuple(int(v) for v in args.hw.lower().split("x"))
   if args.worker:
     print(json.dumps(jax_worker(args.models[0], args.modes[0], args.dtypes[0], args.batch, hw,

@@ -1,0 +1,56 @@
+"""Each script under benchmarks/ runs at its tiny size, so that the benchmarks cannot rot unseen.
+
+Compiling dominates: a segjax process compiles its steps (an adaptation step
+takes about 20 s on CI's CPU even with XLA's optimizations off, which --tiny
+turns off), so CI runs the speed benchmark's adaptation step, the mode with
+the most code of its own; its supervised and inference steps run with the
+slow tests (benchmarks/slow_tests.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import e2e
+import needs
+
+
+def _run(script: str, *args: str, cache_dir: str) -> subprocess.CompletedProcess:
+  proc = subprocess.run([sys.executable, os.path.join("benchmarks", script), *args],
+                        cwd=e2e.REPO_ROOT, env=e2e.env(1, cache_dir), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return proc
+
+
+@pytest.mark.parametrize("mode", ["adapt", pytest.param("train", marks=pytest.mark.slow),
+                                  pytest.param("infer", marks=pytest.mark.slow)])
+def test_speed_vs_torch_runs_each_mode_at_its_tiny_size(mode, cache_dir, tmp_path):
+  needs.shared("bench/peers/bench_torch.py")
+  needs.package("torch", "the speed benchmark's peer is PyTorch")
+  out = tmp_path / "rows.jsonl"
+  proc = _run("speed_vs_torch.py", "--tiny", "--modes", mode, f"--out={out}",
+              cache_dir=cache_dir)
+  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert (row["model"], row["mode"], row["dtype"]) == ("bisenet_r18", mode, "fp32")
+  for framework in ("jax", "torch"):
+    assert (row[framework]["batch"], row[framework]["hw"]) == (2, "32x64")
+    assert row[framework]["median_ms"] > 0
+  assert f"| bisenet_r18 | {mode} | fp32 |" in proc.stdout
+
+
+def test_builtin_uda_runs_a_tiny_config(cache_dir, tmp_path):
+  proc = _run("builtin_uda.py", "--tiny", f"--out={tmp_path}", cache_dir=cache_dir)
+  with open(tmp_path / "results.json", encoding="utf-8") as f:
+    results = json.load(f)
+  (run,) = results["source_only"]
+  assert 0 <= run["metrics"]["eval/miou"] <= 1 and run["wall_seconds"] > 0
+  workdir = tmp_path / "source_only_seed0"
+  with open(workdir / "final_metrics.json", encoding="utf-8") as f:
+    assert json.load(f)["eval/miou"] == run["metrics"]["eval/miou"]
+  with open(workdir / "config.json", encoding="utf-8") as f:
+    assert json.load(f)["num_train_steps"] == 2  # The tiny run's.
+  assert "\n| source_only | " in proc.stdout
