@@ -84,15 +84,32 @@ def _fail(message: str, exit_code: int) -> NoReturn:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
   except flags.Error as e:
-    _fail(f"{e}\nPass --help to see the command's flags.", USAGE_EXIT_CODE)
+    _fail(f"{_without_traceback(str(e))}\nPass --help to see the command's flags.",
+          USAGE_EXIT_CODE)
   except (AttributeError, KeyError):
     # ml_collections raises these, unwrapped, for an override of a field the config lacks.
     message = _unknown_override(argv)
     if message is None:
       raise
     _fail(message, USAGE_EXIT_CODE)
+  if CONFIG_FLAG in FLAGS and FLAGS[CONFIG_FLAG].value is not None:
+    try:  # A config file that failed to load parses as a stand-in that raises on any use.
+      FLAGS[CONFIG_FLAG].value.get("seed")
+    except OSError as e:
+      _fail(str(e), USAGE_EXIT_CODE)
+  return remaining
+
+
+def _without_traceback(message: str) -> str:
+  """ml_collections puts the traceback of a config file's get_config into its error message:
+  the message without it, ending with the exception's own line."""
+  head, marker, trace = message.partition("Traceback (most recent call last):")
+  if not marker:
+    return message
+  last = [line for line in trace.splitlines() if line.strip()][-1]
+  return f"{head.strip()} {last.strip()}"
 
 
 def _user_error_types() -> tuple[type[Exception], ...]:

@@ -73,6 +73,8 @@ def ran(cache_dir, tmp_path_factory):
       ("segjax.predict", ["--config=configs/test.py", f"--workdir={tmp}", f"--input={tmp}",
                           f"--output={tmp / 'out'}", "extra"]),
       ("segjax.main", [*main, "--config.not_a_field=1"], {cli.DEBUG_ENV: "1"}),
+      ("segjax.main", ["--config=configs/no_such_config.py", f"--workdir={tmp / 'run'}"]),
+      ("segjax.main", ["--config=configs/adaptsegnet.py:nope=ROOT", f"--workdir={tmp / 'run'}"]),
   ]
   results = commands.run([(module, ["--help"]) for module in OWN_FLAGS] + errors, cache_dir,
                          devices=8)
@@ -92,7 +94,7 @@ def test_every_commands_help_lists_its_own_flags(ran):
 def test_user_errors_are_one_message_with_the_exit_status_of_their_kind(ran):
   results, tmp = ran["errors"], ran["tmp"]
   codes = [proc.returncode for proc in results]
-  assert codes == [2, 2, 2, 1, 1, 1, 2, 1, 2, 1], [p.stderr[-2000:] for p in results]
+  assert codes == [2, 2, 2, 1, 1, 1, 2, 1, 2, 1, 2, 2], [p.stderr[-2000:] for p in results]
   assert _error_line(results[0]).startswith(
       "error: segjax.main: --config.not_a_field: config.not_a_field is not a field; the fields "
       "of config are adapt, batch_size,")
@@ -113,6 +115,13 @@ def test_user_errors_are_one_message_with_the_exit_status_of_their_kind(ran):
   assert "Unexpected arguments: ['extra']" in _error_line(results[8])
   debug = results[9].stderr  # SEGJAX_DEBUG=1: the traceback of the original error.
   assert "Traceback" in debug and "AttributeError" in debug and "error: " not in debug
+  assert _error_line(results[10]).startswith(
+      "error: segjax.main: Configuration is not available because of an earlier failure to load")
+  assert "configs/no_such_config.py" in results[10].stderr
+  assert _error_line(results[11]) == (
+      "error: segjax.main: flag --config=configs/adaptsegnet.py:nope=ROOT: Error whilst parsing "
+      "config file: ValueError: Bad dataset root 'nope=ROOT' in the config string; expected "
+      "NAME=PATH with NAME one of ['gta5', 'synthia', 'cityscapes'].")
 
 
 @pytest.mark.parametrize("path,expected", [
