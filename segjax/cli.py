@@ -11,9 +11,9 @@ Every command (segjax.main, evaluate, predict, segjax.tools.*) starts with
                   (`segjax.errors.UserError`, `checkpointing.CheckpointError`);
                   or a bug in segjax, which alone prints a traceback.
 
-Either error prints one line on stderr, `error: <command>: <message>`,
+Either error prints one message on stderr, `error: <command>: <message>`,
 without a traceback; SEGJAX_DEBUG=1 in the environment shows the traceback
-too. An unknown config field names the closest valid ones. `--help` lists
+instead. An unknown config field names the closest valid ones. `--help` lists
 the flags defined here beside the command's own (absl shows only the main
 module's flags there).
 """
