@@ -8,6 +8,8 @@ a bug in segjax and keeps its traceback. `segjax.data.DataError` and
 ValueError before they existed still catches them.
 """
 
+import contextlib
+
 
 class UserError(Exception):
   """A problem the user can fix; the message says what and how."""
@@ -15,6 +17,19 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A config field whose value cannot work; the message names the field."""
+
+
+@contextlib.contextmanager
+def config_checks():
+  """Within it, a ValueError is a ConfigError with the same message: for checks of a config
+  made by code whose ValueErrors all name a config field (model and optimizer builders,
+  segjax.parallel.check_batch_size) but that raises plain ValueErrors."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 # How to read a real dataset where a config has the built-in scenes: a sub-config of the built-in

@@ -43,8 +43,8 @@ from absl import app, flags, logging
 from etils import epath
 from PIL import Image
 
-from segjax import (checkpointing, cli, data, errors, inference, methods, metrics, parallel,
-                    reporting, train)
+from segjax import (checkpointing, cli, data, errors, inference, methods, metrics, models,
+                    parallel, reporting, train)
 from segjax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -53,20 +53,18 @@ EVAL_SUBDIR = "eval"
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails early with a ConfigError naming the field on an evaluation config that cannot work."""
-  try:
+  with errors.config_checks():
     parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
-  except ValueError as e:
-    raise errors.ConfigError(str(e)) from e
-  check_inference(config)
+  check_model(config)
   check_label_space(config)
 
 
-def check_inference(config: ml_collections.ConfigDict) -> None:
-  """config.inference must describe a test-time augmentation; ConfigError naming the field."""
-  try:
+def check_model(config: ml_collections.ConfigDict) -> None:
+  """The segmenter (config.model) and the test-time augmentation (config.inference) must be
+  buildable; ConfigError naming the field."""
+  with errors.config_checks():
+    models.build_segmenter(config.model, 1)
     inference.Inference.from_config(config.get("inference"))
-  except ValueError as e:
-    raise errors.ConfigError(str(e)) from e
 
 
 def check_label_space(config: ml_collections.ConfigDict) -> None:

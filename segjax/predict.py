@@ -97,8 +97,8 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_dir: s
   An unreadable image is skipped (a warning names it); DataError if none can
   be read.
   """
+  evaluate.check_model(config)
   evaluate.check_label_space(config)
-  evaluate.check_inference(config)
   info = data.dataset_info(config.data.eval, "data.eval")
   images = list_images(input_dir, exclude=output_dir)
   mesh = Mesh(np.asarray(jax.local_devices()[:1]), (parallel.DATA_AXIS,))

@@ -75,6 +75,9 @@ def ran(cache_dir, tmp_path_factory):
       ("segjax.main", [*main, "--config.not_a_field=1"], {cli.DEBUG_ENV: "1"}),
       ("segjax.main", ["--config=configs/no_such_config.py", f"--workdir={tmp / 'run'}"]),
       ("segjax.main", ["--config=configs/adaptsegnet.py:nope=ROOT", f"--workdir={tmp / 'run'}"]),
+      ("segjax.evaluate", ["--config=configs/test.py", f"--workdir={tmp / 'empty'}",
+                           "--config.model.name=nope"]),
+      ("segjax.tools.summary", ["--config=configs/test.py", "--config.model.name=nope"]),
   ]
   results = commands.run([(module, ["--help"]) for module in OWN_FLAGS] + errors, cache_dir,
                          devices=8)
@@ -94,7 +97,7 @@ def test_every_commands_help_lists_its_own_flags(ran):
 def test_user_errors_are_one_message_with_the_exit_status_of_their_kind(ran):
   results, tmp = ran["errors"], ran["tmp"]
   codes = [proc.returncode for proc in results]
-  assert codes == [2, 2, 2, 1, 1, 1, 2, 1, 2, 1, 2, 2], [p.stderr[-2000:] for p in results]
+  assert codes == [2, 2, 2, 1, 1, 1, 2, 1, 2, 1, 2, 2, 1, 1], [p.stderr[-2000:] for p in results]
   assert _error_line(results[0]).startswith(
       "error: segjax.main: --config.not_a_field: config.not_a_field is not a field; the fields "
       "of config are adapt, batch_size,")
@@ -122,6 +125,8 @@ def test_user_errors_are_one_message_with_the_exit_status_of_their_kind(ran):
       "error: segjax.main: flag --config=configs/adaptsegnet.py:nope=ROOT: Error whilst parsing "
       "config file: ValueError: Bad dataset root 'nope=ROOT' in the config string; expected "
       "NAME=PATH with NAME one of ['gta5', 'synthia', 'cityscapes'].")
+  for proc in results[12:]:  # evaluate, summary: the model is checked before anything is read.
+    assert "Unknown model name 'nope' (config field model.name)" in _error_line(proc)
 
 
 @pytest.mark.parametrize("path,expected", [

@@ -363,7 +363,7 @@ def make_pseudo_labels(config: ml_collections.ConfigDict, workdir: str,
                           f"({config.data.source.name}) do not share one label space: the "
                           "checkpoint predicts data.source's classes.")
   policy = Policy.from_config(config.adapt, info.num_classes)
-  inference.Inference.from_config(config.get("inference"))
+  evaluate.check_model(config)
   devices = jax.local_devices()
   if config.eval_batch_size <= 0 or config.eval_batch_size % len(devices):
     raise errors.ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be a positive "

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from segjax import cli, losses, methods, models
+from segjax import cli, errors, losses, methods, models
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
@@ -111,6 +111,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = FLAGS.config
+  with errors.config_checks():
+    models.build_segmenter(config.model, FLAGS.num_classes)
   height = FLAGS.height or config.data.crop_size[0]
   width = FLAGS.width or config.data.crop_size[1]
   records = summarize(config, height, width, FLAGS.batch, FLAGS.num_classes, FLAGS.repeats)
