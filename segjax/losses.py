@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from segjax import global_batch
+
 IGNORE_LABEL = 255
 
 
@@ -127,18 +129,47 @@ def ohem_cross_entropy(logits: jax.Array, labels: jax.Array, *, thresh: float = 
 
   Keeps the pixels whose probability of the true class is below `thresh`
   (CE above -log thresh); if fewer than `min_kept_fraction` of the valid
-  pixels qualify, keeps that many hardest pixels instead.
+  pixels qualify, keeps that many hardest pixels instead (of pixels tied
+  with the last one, the first in the batch). Both are counted over the global batch
+  (`global_batch`), as the reference does on its one GPU, so the pixels kept
+  do not depend on the number of devices.
   """
   valid = labels != ignore_label
   safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe_labels)
-  ce = jnp.where(valid, ce, -jnp.inf).reshape(-1)
-  num_valid = jnp.sum(valid)
+  num_valid = global_batch.psum(jnp.sum(valid))
   min_kept = jnp.floor(num_valid * min_kept_fraction).astype(jnp.int32)
-  hardest_first = jnp.argsort(-ce)
-  rank = jnp.zeros_like(hardest_first).at[hardest_first].set(jnp.arange(ce.size))
-  kept = ((ce > -jnp.log(thresh)) | (rank < min_kept)) & valid.reshape(-1)
+  # Ranked as non-negative values (+0.0 for a CE rounded below 0), ignored pixels at -1.
+  rank_values = jnp.where(valid, jnp.maximum(jax.lax.stop_gradient(ce), 0.0) + 0.0, -1.0)
+  hardest = _kth_largest_over_batch(rank_values, min_kept)
+  # Of the pixels tied with the k-th, the first ones in the global batch's order make up k.
+  tied = rank_values == hardest
+  wanted = min_kept - global_batch.psum(jnp.sum(rank_values > hardest))
+  tie_rank = global_batch.count_before(jnp.sum(tied)) + jnp.cumsum(tied.reshape(-1)) - 1
+  kept_by_rank = (rank_values > hardest) | (tied & (tie_rank.reshape(tied.shape) < wanted))
+  kept = ((ce > -jnp.log(thresh)) | kept_by_rank) & valid
   return jnp.sum(jnp.where(kept, ce, 0.0)), jnp.sum(kept).astype(jnp.float32)
+
+
+def _kth_largest_over_batch(values: jax.Array, k: jax.Array) -> jax.Array:
+  """The k-th largest of the non-negative `values` of the whole global batch (+inf if k is 0).
+
+  Non-negative float32 values order as their bit patterns do, so a binary
+  search over the 2^31 patterns finds it exactly, counting on each device and
+  summing the counts (31 counting passes, no gather of the maps). Negative
+  values (ignored pixels) are never counted.
+  """
+  bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+
+  def halve(_, bounds):
+    low, high = bounds  # count(>= low) >= k > count(>= high)
+    middle = low + (high - low) // 2
+    enough = global_batch.psum(jnp.sum(bits >= middle)) >= k
+    return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+  inf_bits = jnp.int32(0x7F800000)
+  low, _ = jax.lax.fori_loop(0, 31, halve, (jnp.int32(0), inf_bits + 1))
+  return jnp.where(k > 0, jax.lax.bitcast_convert_type(low, jnp.float32), jnp.inf)
 
 
 SegLoss = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]

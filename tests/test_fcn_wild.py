@@ -31,13 +31,12 @@ NUM_CLASSES = 8
 
 def _config(**adapt):
   config = test_config.get_config()
-  config.model.dropout_rate = 0.0
+  config.model.dropout_rate = 0.1  # On: masks are keyed by the global example index.
   with config.unlocked():
     config.adapt.method = "fcn_wild"
     config.adapt.update(adapt)
     config.disc.name = "fc7_domain"
     config.disc.width = 8
-    config.disc.dropout_rate = 0.0  # Dropout masks depend on the device.
   return config
 
 

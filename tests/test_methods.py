@@ -26,7 +26,11 @@ VARIANTS = {
     "adaptsegnet_ls": {"adapt.method": "adaptsegnet", "adapt.gan": "ls", "adapt.lambda_adv": 0.01},
     "adaptsegnet_multi": {"adapt.method": "adaptsegnet", "model.aux_head": True,
                           "loss.aux_weights": (0.1,), "adapt.lambda_adv_aux": 0.0002},
-    "advent": {"adapt.method": "advent", "adapt.lambda_ent": 0.001},
+    # AdvEnt + MinEnt with dropout on: after 2 steps the segmenter's momentum differs by up to
+    # 1e-3 between device counts, in one of two patterns that 2 vs 8 devices also show with
+    # lax's convolutions (a discrete switch driven by float rounding, not by the dropout keys,
+    # which tests/test_device_count.py checks); not yet found, so compared without dropout.
+    "advent": {"adapt.method": "advent", "adapt.lambda_ent": 0.001, "model.dropout_rate": 0.0},
     "minent": {"adapt.method": "advent", "adapt.lambda_adv": 0.0, "adapt.lambda_ent": 0.001,
                "model.aux_head": True, "loss.aux_weights": (0.1,),
                "adapt.lambda_ent_aux": 0.0002},
@@ -50,7 +54,7 @@ EXPECTED = {
 
 def _config(variant: str):
   config = test_config.get_config()
-  config.model.dropout_rate = 0.0
+  config.model.dropout_rate = 0.1  # On: masks are keyed by the global example index.
   return uda_testing.override(config, VARIANTS[variant])
 
 

@@ -203,7 +203,7 @@ def _config():
   config = test_config.get_config()
   config.adapt.method = "mpl"
   config.adapt.mpl_uda_steps = 4  # Exercises the ramp.
-  config.model.dropout_rate = 0.0
+  config.model.dropout_rate = 0.1  # On: masks are keyed by the global example index.
   return config
 
 

@@ -413,7 +413,7 @@ VARIANTS = {
 
 def _method_config(overrides=(), method="pseudo_label"):
   config = test_config.get_config()
-  config.model.dropout_rate = 0.0
+  config.model.dropout_rate = 0.1  # On: masks are keyed by the global example index.
   config.adapt.method = method
   return uda_testing.override(config, overrides)
 

@@ -84,9 +84,13 @@ class Method:
     raise NotImplementedError(f"{type(self).__name__} defines no step.")
 
 
-def step_rng(rng: jax.Array, step: jax.Array, axis_name: str) -> jax.Array:
-  """The run's key folded with the step (from 1) and the device: fresh dropout masks everywhere."""
-  return jax.random.fold_in(jax.random.fold_in(rng, step + 1), jax.lax.axis_index(axis_name))
+def step_rng(rng: jax.Array, step: jax.Array) -> jax.Array:
+  """The run's key folded with the step (from 1): the same on every device.
+
+  Dropout folds in each example's global index (`layers.Dropout`), so every
+  step and example draws its own masks, whatever the number of devices.
+  """
+  return jax.random.fold_in(rng, step + 1)
 
 
 def segment(state: steps.TrainState, params, batch_stats, images: jax.Array, rng,

@@ -270,7 +270,7 @@ class FcnWild(base.Method):
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     seg = states["seg"]
     src_rng, tgt_rng, seg_d_rng, disc_rng = jax.random.split(
-        base.step_rng(rng, seg.step, axis_name), 4)
+        base.step_rng(rng, seg.step), 4)
 
     def discriminate(params, features: dict, key) -> dict:
       disc = states["disc"]

@@ -95,7 +95,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segjax import losses, models, optim, steps
+from segjax import global_batch, losses, models, optim, steps
 from segjax.methods import base, output_space
 
 
@@ -205,11 +205,9 @@ class MetaPseudoLabels(base.Method):
     return output_space.adversarial(states[self.disc_names[who]], softmax(src_logits),
                                     softmax(tgt_logits), self.gan, axis_name)
 
-  def _noisy(self, images: jax.Array, rng: jax.Array, axis_name: str) -> jax.Array:
+  def _noisy(self, images: jax.Array, rng: jax.Array) -> jax.Array:
     """Each image with its rectangle of noise, keyed by its index in the global batch."""
-    local = images.shape[0]
-    global_index = jax.lax.axis_index(axis_name) * local + jnp.arange(local)
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(global_index)
+    keys = global_batch.example_keys(rng, images.shape[0])
     return jax.vmap(add_rectangle_noise, in_axes=(0, 0, None))(images, keys, self.noise_std)
 
   def _labelled_ce(self, state, images, labels, rng, axis_name: str) -> jax.Array:
@@ -219,13 +217,13 @@ class MetaPseudoLabels(base.Method):
 
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     student, teacher, baseline = states["seg"], states["teacher"], states["mpl"]["baseline"]
-    keys = jax.random.split(base.step_rng(rng, student.step, axis_name), 5)
+    keys = jax.random.split(base.step_rng(rng, student.step), 5)
     # Folding 0 branches off the step keys (folded from 1 on) for the device-independent noise.
     noise_rng = jax.random.fold_in(jax.random.fold_in(rng, 0), student.step)
     src_images = self.preprocess(batch["source"]["image"])
     src_labels = batch["source"]["label"]
     tgt_images = self.preprocess(batch["target"]["image"])
-    noisy_images = self._noisy(tgt_images, noise_rng, axis_name)
+    noisy_images = self._noisy(tgt_images, noise_rng)
 
     # 1. The teacher's passes; differentiated in 5, once the feedback is known.
     def teacher_terms(params):

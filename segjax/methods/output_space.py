@@ -109,7 +109,7 @@ class OutputSpace(base.Method):
 
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     seg = states["seg"]
-    src_rng, tgt_rng = jax.random.split(base.step_rng(rng, seg.step, axis_name))
+    src_rng, tgt_rng = jax.random.split(base.step_rng(rng, seg.step))
 
     def loss_fn(params):
       src_out, tgt_out, stats, loss, parts = self.source_then_target(

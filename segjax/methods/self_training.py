@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segjax import losses, steps
+from segjax import global_batch, losses, steps
 from segjax.data import pipeline
 from segjax.methods import base
 
@@ -142,11 +142,9 @@ class SelfTraining(base.Method):
                        {"params": seg.params, "batch_stats": seg.batch_stats})
     # Mixing and augmentation draw from their own stream (not the dropout keys of step_rng).
     rng_step = jax.random.fold_in(jax.random.split(rng)[1], seg.step + 1)
-    src_rng, mix_rng = jax.random.split(base.step_rng(rng, seg.step, axis_name))
+    src_rng, mix_rng = jax.random.split(base.step_rng(rng, seg.step))
     src, tgt = batch["source"], batch["target"]
-    local = src["image"].shape[0]
-    global_index = jax.lax.axis_index(axis_name) * local + jnp.arange(local)
-    example_keys = jax.vmap(lambda i: jax.random.fold_in(rng_step, i))(global_index)
+    example_keys = global_batch.example_keys(rng_step, src["image"].shape[0])
     mask_keys, aug_keys = jax.vmap(jax.random.split, out_axes=1)(example_keys)
 
     # 1. Pseudo labels of the EMA teacher, weighted by the share of confident pixels.

@@ -11,7 +11,7 @@ class SourceOnly(base.Method):
 
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     seg = states["seg"]
-    rng = base.step_rng(rng, seg.step, axis_name)
+    rng = base.step_rng(rng, seg.step)
 
     def loss_fn(params):
       outputs, stats = base.segment(seg, params, seg.batch_stats,

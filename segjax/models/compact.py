@@ -93,7 +93,7 @@ class CompactSeg(nn.Module):
     low = layers.ConvBNReLU(w, kernel_size=1, **common)(low, train)
     x = jnp.concatenate([x, low], axis=-1)
     x = layers.ConvBNReLU(2 * w, **common)(x, train)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = layers.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
                          param_dtype=self.param_dtype,
                          kernel_init=nn.initializers.lecun_normal())(x)

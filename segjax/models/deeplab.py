@@ -69,7 +69,7 @@ class ASPP(nn.Module):
     branches.append(jnp.broadcast_to(pooled, branches[0].shape))
     x = layers.ConvBNReLU(self.features, 1, name="project", **common)(
         jnp.concatenate(branches, axis=-1), train)
-    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return layers.Dropout(self.dropout_rate, deterministic=not train)(x)
 
 
 class FCNAuxHead(nn.Module):
@@ -86,7 +86,7 @@ class FCNAuxHead(nn.Module):
     x = layers.ConvBNReLU(self.features, 3, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                           param_dtype=self.param_dtype)(x, train)
     # nn.Dropout2d: whole channels are dropped.
-    x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
+    x = layers.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
     return layers.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
                        param_dtype=self.param_dtype)(x)
 

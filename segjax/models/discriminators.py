@@ -104,7 +104,7 @@ class FC7DomainClassifier(_Discriminator):
     x = x.astype(self.dtype)
     for features in (self.width, self.width // 2):
       x = conv(features)(x)
-      x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
+      x = layers.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
       x = nn.relu(x)
     x = conv(1)(x)
     return x.astype(jnp.float32)

@@ -1,5 +1,15 @@
 """Convolution and max pooling arranged for speed on XLA:CPU, numerically lax's.
 
+Only a CPU compile uses these formulations (`segjax.platforms`: the platform
+being compiled for, the default backend unless a caller says otherwise). For
+a GPU or TPU, `conv_general_dilated` and `max_pool` are lax's single
+convolution (cuDNN's kernels and weight gradients) and reduce-window in the
+compute dtype, exactly as if this module did not exist
+(tests/test_platforms.py lowers the main job's step for CUDA and checks).
+The choice is made while tracing, not by `lax.platform_dependent`, whose
+per-convolution branches made tracing the main job's step 3.3x slower
+(13.0 s instead of 3.9 s).
+
 XLA:CPU runs a convolution's forward pass about as fast as PyTorch (oneDNN),
 but its kernel gradient 1.5-6x slower: it computes it as a convolution whose
 contracted feature dimension is the batch (2 here), a poor matrix product.
@@ -49,6 +59,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from segjax import platforms
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -323,10 +335,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          precision=None, preferred_element_type=None):
   """`lax.conv_general_dilated`, faster on XLA:CPU for plain 2-D NHWC/HWIO convolutions.
 
-  Grouped, input-dilated, non-2-D, non-NHWC or mixed-dtype convolutions,
+  Compiled for another platform it is lax's convolution itself. Grouped, input-dilated, non-2-D, non-NHWC or mixed-dtype convolutions,
   string paddings, explicit precisions and result types go to lax unchanged.
   """
-  if (lhs.ndim != 4 or lhs.dtype != rhs.dtype or isinstance(padding, str)
+  if (not platforms.cpu_kernels() or lhs.ndim != 4 or lhs.dtype != rhs.dtype
+      or isinstance(padding, str)
       or feature_group_count != 1
       or batch_group_count != 1 or precision is not None or preferred_element_type is not None
       or any(d != 1 for d in (lhs_dilation or (1, 1)))
@@ -344,16 +357,26 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 # ------------------------------------------------------------------------------ max pooling
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, window: int, stride: int, padding: tuple[tuple[int, int], tuple[int, int]]):
-  """Max pooling of NHWC maps (padding with -inf) with a scatter-free gradient."""
-  return _in_float32(lambda x: lax.reduce_window(
-      x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, window, window, 1), (1, stride, stride, 1),
-      ((0, 0), *padding, (0, 0))), x)
+  """Max pooling of NHWC maps (padding with -inf); on XLA:CPU with a scatter-free gradient."""
+  if platforms.cpu_kernels():
+    return _max_pool_cpu(x, window, stride, padding)
+  return _reduce_max(x, window, stride, padding)
+
+
+def _reduce_max(x, window: int, stride: int, padding):
+  # A Python scalar identity makes lax use its differentiable max reduce-window.
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
+                           ((0, 0), *padding, (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_cpu(x, window: int, stride: int, padding):
+  return _in_float32(lambda x: _reduce_max(x, window, stride, padding), x)
 
 
 def _max_pool_fwd(x, window, stride, padding):
-  y = max_pool(x, window, stride, padding)
+  y = _max_pool_cpu(x, window, stride, padding)
   return y, (x, y)
 
 
@@ -397,4 +420,4 @@ def _max_pool_grad(window, stride, padding, g, x, y):
   return dxp[:, top:top + h, left:left + w]
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool_cpu.defvjp(_max_pool_fwd, _max_pool_bwd)

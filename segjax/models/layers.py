@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax import global_batch, platforms
 from segjax.models import fast_ops
 
 
@@ -54,6 +55,33 @@ def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
 conv1x1 = functools.partial(nn.Conv, kernel_size=(1, 1))
 
 
+class Dropout(nn.Module):
+  """nn.Dropout, each example's mask drawn from its own key (`global_batch.example_keys`).
+
+  nn.Dropout draws one mask for the device's whole slice of the batch, so the
+  masks, and the run, change with the number of devices; here example i of
+  the global batch gets the same mask on any number of devices and processes.
+  `broadcast_dims` (e.g. (1, 2): channel dropout, PyTorch's Dropout2d) share
+  a mask along those dimensions. Needs a 'dropout' rng unless deterministic.
+  """
+  rate: float
+  broadcast_dims: tuple[int, ...] = ()
+  deterministic: bool | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    keep_prob = 1.0 - self.rate
+    keys = global_batch.example_keys(self.make_rng("dropout"), x.shape[0])
+    shape = tuple(1 if d in self.broadcast_dims else n for d, n in enumerate(x.shape))[1:]
+    keep = jax.vmap(lambda key: jax.random.bernoulli(key, keep_prob, shape))(keys)
+    return jax.lax.select(jnp.broadcast_to(keep, x.shape), x / keep_prob, jnp.zeros_like(x))
+
+
 class FrozenBatchNorm(nn.Module):
   """BatchNorm with fixed statistics and affine terms (torchvision's FrozenBatchNorm2d).
 
@@ -97,11 +125,12 @@ class Conv(nn.Module):
   ('kernel' (k, k, in / groups, out) and an optional 'bias'; the class name
   keeps flax's automatic 'Conv_<i>' names), so checkpoints and the weight
   converters are unchanged. `fast_ops.conv_general_dilated` computes lax's
-  convolution in the formulation XLA:CPU runs fastest for the static shapes.
-  The bias is added in float32 and rounded once, which is what XLA:CPU does
-  for a bfloat16 addition anyway, so that its gradient is a float32 sum:
-  XLA:CPU splits a bfloat16 sum over a large map into a slow windowed
-  reduction (about 70 ms per 2x256x512 map).
+  convolution, on XLA:CPU in the formulation it runs fastest for the static
+  shapes. On XLA:CPU the bias is added in float32 and rounded once, which is
+  what it does for a bfloat16 addition anyway, so that its gradient is a
+  float32 sum: XLA:CPU splits a bfloat16 sum over a large map into a slow
+  windowed reduction (about 70 ms per 2x256x512 map). Other platforms add it
+  in the compute dtype.
   """
   features: int
   kernel_size: int
@@ -126,7 +155,9 @@ class Conv(nn.Module):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-      y = (y.astype(jnp.float32) + bias.astype(self.dtype).astype(jnp.float32)).astype(self.dtype)
+      bias = bias.astype(self.dtype)
+      y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype) \
+          if platforms.cpu_kernels() else y + bias
     return y
 
 

@@ -58,9 +58,9 @@ class VGG16(nn.Module):
       features[f"pool{stage}"] = x
     fc6_pad = 0 if self.conv1_padding == 100 else 3
     x = nn.relu(conv(4096, 7, 1, fc6_pad, name="fc6")(x))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.relu(conv(4096, 1, name="fc7")(x))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout_rate, deterministic=not train)(x)
     features["fc7"] = x
     del features["pool1"], features["pool2"]
     return features
