@@ -6,22 +6,33 @@ so a resumed run sees exactly the batches an uninterrupted run would have.
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and
 renames it when complete), so a crash never leaves a checkpoint half-written.
 Kept: the latest `max_to_keep` and the best by the evaluation metric.
+A resume reads the latest checkpoint that can be read (`restore_latest`): one
+that cannot (a truncated file, a disk error) is reported with the reason and
+moved to `<workdir>/unreadable_checkpoints/`, and the one before it is used.
 Evaluation and prediction open the directory read-only and restore only the
 segmenter (`select_step`, `restore_states`).
 """
 
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as managers
 
+from segjax import errors
+
 DATA_ITEM = "data"
+# The per-step training metrics since the last log line: a run stopped between two log steps
+# logs, after resuming, the same averages as an uninterrupted one.
+PENDING_ITEM = "pending_metrics"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """No checkpoint matches the request; the message says what the directory holds."""
 
 
@@ -39,12 +50,18 @@ class Checkpointer:
       raise CheckpointError(f"No checkpoint in {self._directory}: the directory does not exist. "
                             "Is --workdir the one a training run (python -m segjax.main) used?")
     self._best_metric = best_metric
+    self._max_to_keep = max_to_keep
+    self._read_only = read_only
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    best_metric, max_to_keep, read_only = self._best_metric, self._max_to_keep, self._read_only
     preservation = managers.AnyPreservationPolicy([
         managers.LatestN(n=max_to_keep),
         managers.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
                        keep_checkpoints_without_metrics=False),
     ])
-    self._manager = ocp.CheckpointManager(
+    return ocp.CheckpointManager(
         self._directory,
         options=ocp.CheckpointManagerOptions(
             preservation_policy=preservation,
@@ -94,19 +111,75 @@ class Checkpointer:
     return int(choice)
 
   def save(self, step: int, states: dict[str, Any], data_iterator: grain.DatasetIterator,
-           metrics: dict[str, float] | None = None) -> None:
+           metrics: dict[str, float] | None = None,
+           pending_metrics: list[dict[str, float]] | None = None) -> None:
     items = {name: ocp.args.StandardSave(state) for name, state in states.items()}
     items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+    items[PENDING_ITEM] = ocp.args.JsonSave({"metrics": pending_metrics or []})
     self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_states: dict[str, Any],
               data_iterator: grain.DatasetIterator) -> dict[str, Any]:
     """Restores the states into the shardings of `abstract_states` and the iterator in place."""
+    return self._restore(step, abstract_states, data_iterator)[0]
+
+  def _restore(self, step, abstract_states, data_iterator):
+    """(states, the per-step metrics not yet logged: empty in checkpoints of earlier versions)."""
     items = {name: ocp.args.StandardRestore(abstract)
              for name, abstract in abstract_states.items()}
     items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    has_pending = os.path.isdir(os.path.join(self._directory, str(step), PENDING_ITEM))
+    if has_pending:
+      items[PENDING_ITEM] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return {name: restored[name] for name in abstract_states}
+    pending = restored[PENDING_ITEM]["metrics"] if has_pending else []
+    return {name: restored[name] for name in abstract_states}, pending
+
+  def restore_latest(self, abstract_states: dict[str, Any],
+                     data_iterator: grain.DatasetIterator,
+                     is_primary: bool = True) -> tuple[int, dict[str, Any] | None, list]:
+    """(step, states, metrics not yet logged) of the latest readable checkpoint, or
+    (0, None, []) if there is none.
+
+    A checkpoint that cannot be restored is named with the reason (a
+    warning), moved aside by the primary process to
+    `../unreadable_checkpoints/<step>-<time>` (so that the step can be saved
+    again), and the one before it is tried. CheckpointError, naming each
+    step's reason, if none can be read: then nothing is moved.
+    """
+    failures = []
+    for step in reversed(self.all_steps()):
+      try:
+        states, pending = self._restore(step, abstract_states, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        logging.warning("The checkpoint of step %d in %s cannot be read (%s); trying the one "
+                        "before it.", step, self._directory, reason)
+        failures.append((step, reason))
+        continue
+      if failures:
+        self._set_aside([failed for failed, _ in failures], is_primary)
+      return step, states, pending
+    if failures:
+      raise CheckpointError(
+          f"No checkpoint in {self._directory} can be read: "
+          + "; ".join(f"step {step}: {reason}" for step, reason in failures)
+          + ". If the config changed since they were written, resume with the run's config "
+          "(config.json); otherwise move the directory away to train from scratch.")
+    return 0, None, []
+
+  def _set_aside(self, steps: list[int], is_primary: bool) -> None:
+    aside = os.path.join(os.path.dirname(self._directory), "unreadable_checkpoints")
+    self._manager.close()
+    if is_primary:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(os.path.join(self._directory, str(step)), target)
+        logging.warning("Moved the unreadable checkpoint of step %d to %s.", step, target)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("segjax_unreadable_checkpoints_moved", timeout=600)
+    self._manager = self._open()
 
   def restore_states(self, step: int, abstract_states: dict[str, Any]) -> dict[str, Any]:
     """Restores only the named states (e.g. {'seg': ...}), leaving the other items unread."""

@@ -6,13 +6,15 @@ command on the same workdir resumes from its latest checkpoint. As one process
 of several (a SLURM job, or launch/local.py), it joins the job before JAX is
 touched. A config or workdir that cannot work stops it before anything is
 built, with one message naming the field or folder (exit status 1; 2 for a
-bad command line; `segjax.cli`).
+bad command line; `segjax.cli`). SIGTERM, SIGUSR1 or SIGINT stop it after the
+current step with a checkpoint of that step, exit status 75
+(`segjax.preemption`), which launch/slurm.sbatch requeues.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segjax import cli, errors, parallel, reporting, train
+from segjax import cli, errors, parallel, preemption, reporting, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard files.")
@@ -39,7 +41,12 @@ def main(argv):
     train.prepare_workdir(FLAGS.workdir)
   except (ValueError, OSError) as e:
     raise errors.UserError(str(e)) from e
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    return preemption.REQUEUE_EXIT_CODE
+  return 0
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from segjax import (checkpointing, data, inference, losses, methods, metrics, models, optim,
-                    parallel, reporting, steps)
+from segjax import (checkpointing, data, errors, inference, losses, methods, metrics, models,
+                    optim, parallel, preemption, reporting, steps)
+from segjax import workdir as workdir_lib
 from segjax.data import pipeline
 from segjax.models import weights
 
@@ -272,28 +274,65 @@ def eval_summary(confusion: np.ndarray, class_names: tuple[str, ...],
   return summary
 
 
+class NonFiniteError(errors.UserError, FloatingPointError):
+  """Training produced a non-finite loss or parameter; nothing non-finite was saved."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from the latest checkpoint in `workdir`); returns the final eval metrics."""
+  """Trains (resuming from the latest checkpoint in `workdir`); returns the final eval metrics.
+
+  The workdir is locked for the run (`segjax.workdir.Lock`); SIGTERM, SIGUSR1
+  and SIGINT stop it after the current step with a checkpoint of that step
+  (`segjax.preemption.Preempted`).
+  """
   validate_config(config)
   prepare_workdir(workdir)
   is_primary = jax.process_index() == 0
+  lock = None
+  error = None
+  if is_primary:
+    try:
+      lock = workdir_lib.Lock(workdir).acquire()
+    except workdir_lib.WorkdirError as e:
+      error = e
+  if jax.process_count() > 1:  # Every process refuses with process 0.
+    refused = multihost_utils.process_allgather(np.int32(error is not None)).max()
+    if refused and error is None:
+      error = workdir_lib.WorkdirError(f"Process 0 could not lock the workdir {workdir}.")
+  if error is not None:
+    raise error
+  try:
+    return _train(config, workdir, is_primary)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, is_primary: bool) -> dict[str, float]:
   mesh = parallel.make_mesh()
   info = data.dataset_info(config.data.source, "data.source")
   method = methods.build(config, info.num_classes)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.keep_checkpoints)
+  try:
+    return _train_with(config, workdir, is_primary, mesh, info, method, ckpt)
+  finally:
+    # Whatever ends the run (a stop, an error), the good saves in flight complete.
+    ckpt.wait_until_finished()
+    ckpt.close()
+
+
+def _train_with(config, workdir, is_primary, mesh, info, method, ckpt) -> dict[str, float]:
+  if ckpt.all_steps():  # Before anything is built: a config that trains differently is refused.
+    workdir_lib.check_resume_config(workdir, config, ckpt.all_steps()[-1], write=is_primary)
   if hasattr(method, "prepare"):  # Fixed inputs a method loads, or computes and saves, once.
     method.prepare(workdir, is_primary)
   subsets = eval_subsets(config)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=config.keep_checkpoints)
-  start_step = ckpt.latest_step() or 0
-  if start_step and is_primary:
-    reporting.truncate_metrics(workdir, start_step)  # Before the writer appends to it.
-  writer = reporting.create_writer(workdir, is_primary=is_primary)
 
   # ---- States, input, restore.
   root_rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(root_rng)
-  states, schedules = create_states(config, init_rng, info.num_classes, mesh)
+  states, _ = create_states(config, init_rng, info.num_classes, mesh)
   train_batches = pipeline.train_batches(config, with_target=method.uses_target,
                                          process_index=jax.process_index(),
                                          process_count=jax.process_count(),
@@ -301,15 +340,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter = iter(pipeline.stream(train_batches, config.data.num_workers))
   eval_ds, num_eval = pipeline.eval_dataset(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())
-  if start_step:
-    states = ckpt.restore(start_step, checkpointing.abstract_like(states), train_iter)
+  start_step, restored, pending_records = ckpt.restore_latest(
+      checkpointing.abstract_like(states), train_iter, is_primary)
+  if is_primary:  # Lines past the restored step (all of them on a fresh start) are dropped.
+    reporting.truncate_metrics(workdir, start_step)
+  writer = reporting.create_writer(workdir, is_primary=is_primary)
+  if restored is not None:
+    states = restored
     logging.info("Resumed from the checkpoint at step %d in %s.", start_step, workdir)
   else:
     logging.info("No checkpoint in %s: training from scratch.", workdir)
     states = initialise_segmenters(states, method, config, info.num_classes, mesh)
     if is_primary:
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      workdir_lib.record_config(workdir, config)
     writer.write_hparams(dict(_flatten(config.to_dict())))
 
   # ---- Compiled steps.
@@ -318,6 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
   eval_step = make_eval_step(config, info.num_classes, mesh)
   step_rng = parallel.make_replicated(lambda: step_rng, mesh)
+  all_finite = jax.jit(_all_finite)
   compiled = parallel.compile_all(
       {"train_step": train_step, "eval_step": eval_step},
       {"train_step": (states, parallel.global_batch_spec(train_batches[0], mesh), step_rng),
@@ -337,11 +381,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         samples["image"], samples["pred"], samples["label"], info.palette)})
     return summary
 
+  def save(step: int, pending: list, eval_metrics=None) -> None:
+    """A checkpoint of `step`, never of non-finite states."""
+    if not bool(all_finite(states)):
+      raise NonFiniteError(
+          f"Non-finite parameters or optimizer state after step {step}; they were not saved. "
+          f"{_last_good(ckpt)} Lower the learning rate, or check the inputs of that step.")
+    writer.flush()
+    ckpt.save(step, states, train_iter, metrics=eval_metrics,
+              pending_metrics=[{k: float(v) for k, v in m.items()}
+                               for m in jax.device_get(pending)])
+
   # ---- Train.
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                            every_steps=config.log_every_steps, every_secs=None)
-  pending, last_log_time, summary = [], time.monotonic(), {}
-  with metric_writers.ensure_flushes(writer):
+  pending, last_log_time, summary = list(pending_records), time.monotonic(), {}
+  with metric_writers.ensure_flushes(writer), preemption.StopSignals() as stop_signals:
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = parallel.to_global(next(train_iter), mesh)
@@ -353,8 +408,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         means = {f"train/{k}": float(np.mean(v))
                  for k, v in jax.device_get(jax.tree.map(lambda *x: np.stack(x), *pending)).items()}
         if not all(np.isfinite(v) for v in means.values()):
-          raise FloatingPointError(f"Non-finite training metrics at step {step}: {means}. "
-                                   "No checkpoint was written for this step.")
+          raise NonFiniteError(f"Non-finite training metrics at step {step}: {means}. "
+                               f"Nothing after it was saved. {_last_good(ckpt)}")
         now = time.monotonic()
         means["train/steps_per_sec"] = len(pending) / (now - last_log_time)
         writer.write_scalars(step, means)
@@ -363,22 +418,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.eval_every_steps == 0 or last:
         summary = run_eval(states["seg"], step)
         eval_metrics = {"miou": summary["eval/miou"]}
-      if step % config.checkpoint_every_steps == 0 or eval_metrics is not None:
+      saved = step % config.checkpoint_every_steps == 0 or eval_metrics is not None
+      if saved:
+        save(step, pending, eval_metrics)
+      stop = stop_signals.agreed()
+      if stop and not last:
+        if not saved:
+          save(step, pending)
+        ckpt.wait_until_finished()
         writer.flush()
-        ckpt.save(step, states, train_iter, metrics=eval_metrics)
+        raise preemption.Preempted(step, stop, os.path.join(workdir, "checkpoints"))
     if start_step >= config.num_train_steps:
       logging.info("Training already finished at step %d; evaluating.", start_step)
       summary = run_eval(states["seg"], start_step, write=False)
   ckpt.wait_until_finished()
   logging.info("Best checkpoint by target mIoU: step %s.", ckpt.best_step())
-  ckpt.close()
   writer.close()
   if is_primary:
-    with open(os.path.join(workdir, "final_metrics.json.tmp"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(os.path.join(workdir, "final_metrics.json.tmp"),
-               os.path.join(workdir, "final_metrics.json"))
+    workdir_lib.write_json_atomically(os.path.join(workdir, "final_metrics.json"), summary)
   return summary
+
+
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point leaf of `tree` is finite (one reduction, on the device)."""
+  leaves = [x for x in jax.tree.leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _last_good(ckpt: checkpointing.Checkpointer) -> str:
+  steps = ckpt.all_steps()
+  return (f"The last good checkpoint is step {steps[-1]}." if steps
+          else "No checkpoint was written yet.")
 
 
 def _flatten(tree: dict, prefix: str = ""):

@@ -8,9 +8,10 @@ from segjax import reporting
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Long enough to be killed mid-run, short enough for CI.
-RUN_FLAGS = ("--config=configs/test.py", "--config.num_train_steps=40",
+NUM_STEPS, EVAL_EVERY = 20, 10
+RUN_FLAGS = ("--config=configs/test.py", f"--config.num_train_steps={NUM_STEPS}",
              "--config.log_every_steps=2", "--config.checkpoint_every_steps=2",
-             "--config.eval_every_steps=20")
+             f"--config.eval_every_steps={EVAL_EVERY}")
 
 
 def env(devices_per_process: int, cache_dir: str) -> dict:

@@ -25,15 +25,15 @@ def test_uninterrupted_run_writes_metrics_checkpoints_and_tensorboard(reference_
   records = e2e.comparable_metrics(workdir)
   train_records = [r for r in records if "train/loss_seg" in r]
   eval_records = [r for r in records if "eval/miou" in r]
-  assert [r["step"] for r in train_records] == list(range(2, 41, 2))
-  assert [r["step"] for r in eval_records] == [20, 40]
+  assert [r["step"] for r in train_records] == list(range(2, e2e.NUM_STEPS + 1, 2))
+  assert [r["step"] for r in eval_records] == [e2e.EVAL_EVERY, e2e.NUM_STEPS]
   for key in ("train/loss_seg", "train/loss_adv", "train/loss_disc", "train/lr"):
     assert all(np.isfinite(r[key]) for r in train_records)
   for key in ("eval/pixel_acc", "eval/mean_acc", "eval/iou/road", "eval/iou/pole"):
     assert key in eval_records[-1]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
   # The latest two checkpoints are kept (the best by mIoU is among them or kept too).
-  assert _committed_checkpoints(workdir)[-2:] == [38, 40]
+  assert _committed_checkpoints(workdir)[-2:] == [e2e.NUM_STEPS - 2, e2e.NUM_STEPS]
 
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(reference_run, cache_dir, tmp_path):
@@ -48,7 +48,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(reference_run, cach
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = _committed_checkpoints(workdir)
-  assert killed_at and killed_at[-1] < 40, f"the run was not killed mid-way: {killed_at}"
+  assert killed_at and killed_at[-1] < e2e.NUM_STEPS, f"the run was not killed mid-way: {killed_at}"
 
   resumed = e2e.run_main(workdir, cache_dir)
   resume_step = killed_at[-1]
@@ -60,7 +60,7 @@ def test_rerunning_a_finished_run_changes_nothing(reference_run, cache_dir):
   workdir, _ = reference_run
   before = e2e.comparable_metrics(workdir)
   proc = e2e.run_main(workdir, cache_dir)
-  assert "Training already finished at step 40" in proc.stderr
+  assert f"Training already finished at step {e2e.NUM_STEPS}" in proc.stderr
   assert e2e.comparable_metrics(workdir) == before
 
 
