@@ -2,7 +2,8 @@
 
   python -m segjax.main --config=configs/adaptsegnet.py --workdir=runs/adaptsegnet
   python -m segjax.main --config=configs/adaptsegnet.py:gta5=ROOT,cityscapes=ROOT \
-      --config.model.backbone_weights=resnet101.safetensors --workdir=runs/adaptsegnet_gta5
+      --config.model.backbone_weights=DeepLab_resnet_pretrained_init-f81d91e8.pth \
+      --workdir=runs/adaptsegnet_gta5
 
 Without roots: the main job on the built-in scenes (configs/adapt.py: CompactSeg,
 single level, lambda_adv 0.01). With roots (gta5= or synthia=, and

@@ -2,7 +2,8 @@
 
   python -m segjax.main --config=configs/advent.py --workdir=runs/advent
   python -m segjax.main --config=configs/advent.py:gta5=ROOT,cityscapes=ROOT \
-      --config.model.backbone_weights=resnet101.safetensors --workdir=runs/advent_gta5
+      --config.model.backbone_weights=DeepLab_resnet_pretrained_init-f81d91e8.pth \
+      --workdir=runs/advent_gta5
 
 AdvEnt by default; MinEnt alone with --config.adapt.lambda_adv=0
 --config.adapt.lambda_adv_aux=0 --config.adapt.lambda_ent=0.001

@@ -2,7 +2,8 @@
 
   python -m segjax.main --config=configs/self_training.py --workdir=runs/self_training
   python -m segjax.main --config=configs/self_training.py:gta5=ROOT,cityscapes=ROOT \
-      --config.model.backbone_weights=resnet101.safetensors --workdir=runs/dacs_gta5
+      --config.model.backbone_weights=DeepLab_resnet_pretrained_init-f81d91e8.pth \
+      --workdir=runs/dacs_gta5
 
 Teacher momentum 0.999 and pseudo-label threshold 0.968 (DAFormer's final
 config), ClassMix of half the source classes, colour jitter (0.2, p 0.2) and

@@ -2,7 +2,8 @@
 
   python -m segjax.main --config=configs/source_only.py --workdir=runs/source_only
   python -m segjax.main --config=configs/source_only.py:gta5=ROOT,cityscapes=ROOT \
-      --config.model.backbone_weights=resnet101.safetensors --workdir=runs/source_gta5
+      --config.model.backbone_weights=DeepLab_resnet_pretrained_init-f81d91e8.pth \
+      --workdir=runs/source_gta5
 
 Without roots: the network and data of configs/adapt.py. With roots (gta5= or
 synthia=, and cityscapes=): configs/deeplabv2_gta5_cityscapes.py without the

@@ -8,8 +8,9 @@
   apart; local disks, Lustre and NFSv4 honour it.)
 * `check_resume_config`: on resume, the config must train the same way as the
   one in `config.json`. Fields that cannot change the trained weights
-  (`MAY_CHANGE_ON_RESUME`: evaluation, logging, checkpoint cadence) may
-  differ; the changes are appended to `config_changes.jsonl` and `config.json`
+  (`MAY_CHANGE_ON_RESUME`: evaluation, logging, checkpoint cadence; fields read
+  only at a fresh start, such as init_from; the locations of inputs, such as
+  dataset roots, which move with a dataset or a copied workdir) may differ; the changes are appended to `config_changes.jsonl` and `config.json`
   is rewritten (atomically). Any other change is an error naming the fields.
 """
 
@@ -123,9 +124,17 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]
           if old.get(field, missing) != new.get(field, missing)}
 
 
+# Fields read only when a run starts from scratch (a resume restores what they gave).
+READ_ONLY_AT_START = ("init_from", "model.backbone_weights", "adapt.mpl_teacher_from")
+# Fields that locate inputs (a dataset, a cache, pseudo labels, statistics): moving them, or the
+# workdir holding them, changes where the same files are read from, not what is trained.
+LOCATIONS = ("root", "data_dir", "cache_dir", "pseudo_labels", "category_stats")
+
+
 def may_change(field: str) -> bool:
-  return any(field == allowed or field.startswith(allowed + ".")
-             for allowed in MAY_CHANGE_ON_RESUME)
+  return (field in READ_ONLY_AT_START or field.rsplit(".", 1)[-1] in LOCATIONS
+          or any(field == allowed or field.startswith(allowed + ".")
+                 for allowed in MAY_CHANGE_ON_RESUME))
 
 
 def _shown(value: Any) -> str:

@@ -104,7 +104,7 @@ def _arrays(states: dict) -> dict:
 
 
 # Variants of a method already covered run in benchmarks/slow_tests.py, not CI.
-SLOW_VARIANTS = ("adaptsegnet_ls", "adaptsegnet_multi")
+SLOW_VARIANTS = ("adaptsegnet_ls", "adaptsegnet_multi", "minent")
 
 
 @pytest.mark.parametrize("variant", [

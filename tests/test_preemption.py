@@ -130,9 +130,14 @@ def test_resume_config_check_refuses_training_fields_and_records_the_others(tmp_
   with pytest.raises(workdir_lib.WorkdirError,
                      match=r"config.model.width: 8 in config.json, now 16; config.seed: 0"):
     workdir_lib.check_resume_config(str(tmp_path), changed, step=4)
-  allowed = ml_collections.ConfigDict(config.to_dict())
+  allowed = ml_collections.ConfigDict({**config.to_dict(), "init_from": "elsewhere"})
   allowed.log_every_steps = 4
   allowed.inference.scales = (0.5, 1.0)
+  record = workdir_lib.config_as_json(config)
+  record["init_from"] = "a moved run"
+  workdir_lib.write_json_atomically(str(tmp_path / workdir_lib.CONFIG_FILE), record)
+  assert workdir_lib.may_change("data.target.root") and workdir_lib.may_change("init_from")
+  assert not workdir_lib.may_change("data.target.name")
   workdir_lib.check_resume_config(str(tmp_path), allowed, step=4)
   changes = (tmp_path / workdir_lib.CONFIG_CHANGES_FILE).read_text()
   assert '"step": 4' in changes and '"log_every_steps": [2, 4]' in changes

@@ -6,7 +6,12 @@ Run it once where torch is installed, then point `model.backbone_weights` at
 the output. The keys stay torchvision's: the file is read by
 `segjax.models.weights.read_state_dict`, which unwraps a 'state_dict' or
 'model' entry, drops 'module.' prefixes and stores floating tensors as
-float32. The output is written to a temporary file in its own folder and then
+float32. DeepLab's Caffe-converted init files (AdaptSegNet's
+`DeepLab_resnet_pretrained_init-f81d91e8.pth`, ADVENT's
+`DeepLab_resnet_pretrained_imagenet.pth`) keep their 'Scale.' keys, by which
+the loader tells their layout from torchvision's; the layout found is
+printed, so that model.resnet_style can be set to match. The output is
+written to a temporary file in its own folder and then
 renamed over the target, so an interrupted run never leaves a partial file
 under the output's name.
 """
@@ -75,6 +80,8 @@ def main(argv):
   except (FileNotFoundError, ValueError, ImportError) as e:
     raise app.UsageError(str(e)) from e
   print(f"Wrote {count} tensors ({size / 2**20:.1f} MiB) from {FLAGS.input} to {FLAGS.output}.")
+  layout = weights.file_layout(FLAGS.output)
+  print(f"Layout {layout!r}: {weights.LAYOUTS[layout]}.")
 
 
 if __name__ == "__main__":
