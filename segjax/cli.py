@@ -8,7 +8,7 @@ Every command (segjax.main, evaluate, predict, segjax.tools.*) starts with
                   an unexpected argument (`app.UsageError`);
   exit status 1   a user error found while running: a config value that
                   cannot work, data, the workdir, a checkpoint
-                  (`segjax.errors.UserError`, `checkpointing.CheckpointError`);
+                  (`segjax.errors.UserError`, which CheckpointError and WorkdirError are);
                   or a bug in segjax, which alone prints a traceback.
 
 Either error prints one message on stderr, `error: <command>: <message>`,
@@ -112,19 +112,12 @@ def _without_traceback(message: str) -> str:
   return f"{head.strip()} {last.strip()}"
 
 
-def _user_error_types() -> tuple[type[Exception], ...]:
-  """UserError, and CheckpointError once segjax.checkpointing is loaded (a command that never
-  imports it cannot raise it, and importing it would load Orbax and JAX for nothing)."""
-  checkpointing = sys.modules.get("segjax.checkpointing")
-  return (errors.UserError,) + ((checkpointing.CheckpointError,) if checkpointing else ())
-
-
 def _run_main(main: Callable[[list[str]], int | None], argv: list[str]) -> int | None:
   try:
     return main(argv)
   except app.UsageError as e:
     _fail(f"{e}\nPass --help to see the command's flags.", USAGE_EXIT_CODE)
-  except _user_error_types() as e:
+  except errors.UserError as e:
     _fail(str(e), ERROR_EXIT_CODE)
 
 

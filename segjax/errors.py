@@ -26,7 +26,7 @@ def config_checks():
   segjax.parallel.check_batch_size) but that raises plain ValueErrors."""
   try:
     yield
-  except ConfigError:
+  except UserError:  # Already says what is wrong (a ConfigError, DataError, CheckpointError).
     raise
   except ValueError as e:
     raise ConfigError(str(e)) from e

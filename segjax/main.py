@@ -14,7 +14,7 @@ current step with a checkpoint of that step, exit status 75
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segjax import cli, errors, parallel, preemption, reporting, train
+from segjax import cli, parallel, preemption, reporting, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard files.")
@@ -34,13 +34,6 @@ def main(argv):
                                   FLAGS.process_id)
   parallel.log_topology()
   logging.info("Config:\n%s", FLAGS.config)
-  # train_and_evaluate runs these checks too (they cost milliseconds); here every error they
-  # raise is the user's, named by field or folder, so it is printed without a traceback.
-  try:
-    train.validate_config(FLAGS.config)
-    train.prepare_workdir(FLAGS.workdir)
-  except (ValueError, OSError) as e:
-    raise errors.UserError(str(e)) from e
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except preemption.Preempted as e:

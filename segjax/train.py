@@ -28,36 +28,38 @@ from segjax.models import weights
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails early, naming the field, on settings that cannot work."""
-  method = methods.build(config, 1)
-  for field in ("num_train_steps", "log_every_steps", "eval_every_steps",
-                "checkpoint_every_steps"):
-    if config[field] <= 0:
-      raise ValueError(f"config.{field}={config[field]} must be positive.")
-  for field in ("eval_every_steps", "checkpoint_every_steps"):
-    if config[field] % config.log_every_steps:
-      raise ValueError(
-          f"config.{field}={config[field]} must be a multiple of config.log_every_steps="
-          f"{config.log_every_steps}, so that a resumed run logs the same averages.")
-  parallel.check_batch_size(config.batch_size, "batch_size")
-  parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
-  models.build_segmenter(config.model, 1)
-  losses.from_config(config.loss)
-  optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
-  inference.Inference.from_config(config.get("inference"))
-  if config.model.backbone_weights and not os.path.isfile(config.model.backbone_weights):
-    raise FileNotFoundError(f"config.model.backbone_weights={config.model.backbone_weights!r} "
-                            "is not a file.")
-  if getattr(method, "disc_names", None):
-    models.build_discriminator(config.disc, 1)
-  for field, source in segmenter_sources(method, config).values():
-    init_from_step(source, field)
-  source_info = data.dataset_info(config.data.source, "data.source")
-  for field in ("data.target", "data.eval"):
-    info = data.dataset_info(config.data[field.split(".")[1]], field)
-    if info.class_names != source_info.class_names:
-      raise ValueError(f"{field} ({config.data[field.split('.')[1]].name}) and data.source do "
-                       "not share one label space.")
+  """Fails early with a ConfigError (or CheckpointError) naming the field, on settings that
+  cannot work."""
+  with errors.config_checks():
+    method = methods.build(config, 1)
+    for field in ("num_train_steps", "log_every_steps", "eval_every_steps",
+                  "checkpoint_every_steps"):
+      if config[field] <= 0:
+        raise ValueError(f"config.{field}={config[field]} must be positive.")
+    for field in ("eval_every_steps", "checkpoint_every_steps"):
+      if config[field] % config.log_every_steps:
+        raise ValueError(
+            f"config.{field}={config[field]} must be a multiple of config.log_every_steps="
+            f"{config.log_every_steps}, so that a resumed run logs the same averages.")
+    parallel.check_batch_size(config.batch_size, "batch_size")
+    parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    models.build_segmenter(config.model, 1)
+    losses.from_config(config.loss)
+    optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
+    inference.Inference.from_config(config.get("inference"))
+    if config.model.backbone_weights and not os.path.isfile(config.model.backbone_weights):
+      raise errors.ConfigError(f"config.model.backbone_weights={config.model.backbone_weights!r} "
+                               "is not a file.")
+    if getattr(method, "disc_names", None):
+      models.build_discriminator(config.disc, 1)
+    for field, source in segmenter_sources(method, config).values():
+      init_from_step(source, field)
+    source_info = data.dataset_info(config.data.source, "data.source")
+    for field in ("data.target", "data.eval"):
+      info = data.dataset_info(config.data[field.split(".")[1]], field)
+      if info.class_names != source_info.class_names:
+        raise ValueError(f"{field} ({config.data[field.split('.')[1]].name}) and data.source do "
+                         "not share one label space.")
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -69,8 +71,8 @@ def prepare_workdir(workdir: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise PermissionError(f"Cannot write to the workdir {workdir!r}: {e.strerror or e}. "
-                          "Pass a --workdir you can create files in.") from e
+    raise workdir_lib.UnwritableWorkdirError(f"Cannot write to the workdir {workdir!r}: {e.strerror or e}. "
+                                             "Pass a --workdir you can create files in.") from e
 
 
 def segmenter_init(config: ml_collections.ConfigDict, rng: jax.Array, num_classes: int):

@@ -42,6 +42,10 @@ class WorkdirError(errors.UserError, RuntimeError):
   """The workdir cannot be used by this run (held by another, or trained with another config)."""
 
 
+class UnwritableWorkdirError(WorkdirError, PermissionError):
+  """The workdir cannot be created or written to."""
+
+
 class Lock:
   """Holds `<workdir>/.lock` for this process's lifetime (or until `release`)."""
 
