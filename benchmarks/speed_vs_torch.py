@@ -49,7 +49,7 @@ def jax_worker(model: str, mode: str, dtype: str, batch: int, hw: tuple[int, int
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   from configs import default  # pylint: disable=import-outside-toplevel
-  from segjax import methods, parallel, steps, train  # pylint: disable=import-outside-toplevel
+  from segjax import methods, parallel, steps, states as states_lib  # pylint: disable=import-outside-toplevel
 
   config = default.get_config()
   config.model.name = model
@@ -61,11 +61,11 @@ def jax_worker(model: str, mode: str, dtype: str, batch: int, hw: tuple[int, int
     config.model.aux_heads = False
   config.data.crop_size = hw
   config.optim.seg.update(lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
-  config.adapt.method = "adaptsegnet" if mode == "adapt" else "source_only"
-  config.adapt.lambda_adv = 0.001 if mode == "adapt" else 0.0
+  config.adapt = (methods.adapt_config("adaptsegnet", lambda_adv=0.001) if mode == "adapt"
+                  else methods.adapt_config("source_only"))
   config.disc.name = "fcd"
   mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
-  states, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  states, _ = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   rng = np.random.default_rng(0)
   height, width = hw
 

@@ -7,10 +7,10 @@ Source: rendered street scenes (labelled); target: camera-like scenes
 """
 
 from configs import default
+from segjax import methods
 
 
 def get_config():
   config = default.get_config()
-  config.adapt.method = "adaptsegnet"
-  config.adapt.lambda_adv = 0.01
+  config.adapt = methods.adapt_config("adaptsegnet", lambda_adv=0.01)
   return config

@@ -18,6 +18,7 @@ seed's light depthwise-separable discriminator).
 """
 
 from configs import adapt, deeplabv2_gta5_cityscapes, recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
@@ -25,7 +26,5 @@ def get_config(arg: str | None = None):
   if not roots:
     return adapt.get_config()
   config = deeplabv2_gta5_cityscapes.get_config(arg)
-  config.adapt.method = "adaptsegnet"
-  config.adapt.lambda_adv = 0.001
-  config.adapt.lambda_adv_aux = 0.0002
+  config.adapt = methods.adapt_config("adaptsegnet", lambda_adv=0.001, lambda_adv_aux=0.0002)
   return config

@@ -22,18 +22,17 @@ of its snapshots on Cityscapes val; segjax keeps the best checkpoint too
 """
 
 from configs import adapt, deeplabv2_gta5_cityscapes, recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
   roots = recipes.uda_roots(arg)
   if not roots:
     config = adapt.get_config()
-    config.adapt.method = "advent"
+    config.adapt = methods.adapt_config("advent", lambda_adv=0.01)
     return config
   config = deeplabv2_gta5_cityscapes.get_config(arg)
   config.num_train_steps = 120_000
   config.checkpoint_every_steps = config.eval_every_steps = 2_000
-  config.adapt.method = "advent"
-  config.adapt.lambda_adv = 0.001
-  config.adapt.lambda_adv_aux = 0.0002
+  config.adapt = methods.adapt_config("advent", lambda_adv=0.001, lambda_adv_aux=0.0002)
   return config

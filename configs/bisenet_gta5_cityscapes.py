@@ -14,6 +14,7 @@ seed steps the poly schedule once per epoch; here it decays every step.
 """
 
 from configs import recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
@@ -35,7 +36,6 @@ def get_config(arg: str | None = None):
   config.loss.aux_weights = (1.0, 1.0)
   config.optim.seg.update(lr=2.5e-4, momentum=0.9, weight_decay=1e-4, power=0.9)
   config.optim.disc.update(lr=1e-4, b1=0.9, b2=0.99, power=0.9)
-  config.adapt.method = "adaptsegnet"
-  config.adapt.lambda_adv = 0.001
+  config.adapt = methods.adapt_config("adaptsegnet", lambda_adv=0.001)
   config.disc.name = "fcd"
   return config

@@ -34,6 +34,7 @@ layout contradicts model.resnet_style is an error naming both.
 """
 
 from configs import recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
@@ -61,7 +62,6 @@ def get_config(arg: str | None = None):
                           head_lr_mult=10.0, decay_steps=250_000)
   config.optim.disc.update(lr=1e-4, b1=0.9, b2=0.99, power=0.9)
   config.optim.disc.decay_steps = 250_000
-  config.adapt.method = "adaptsegnet"
-  config.adapt.lambda_adv = 0.001
+  config.adapt = methods.adapt_config("adaptsegnet", lambda_adv=0.001)
   config.disc.name = "fcd"
   return config

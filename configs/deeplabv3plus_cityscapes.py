@@ -12,6 +12,7 @@ constant; so is this one (poly power 0).
 """
 
 from configs import recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
@@ -40,5 +41,5 @@ def seed_d(model: str, arg: str | None):
   config.loss.name = "ce+focal"
   config.loss.focal_gamma = 2.0
   config.optim.seg.update(name="adam", lr=1e-3, b1=0.9, b2=0.999, weight_decay=1e-5, power=0.0)
-  config.adapt.method = "source_only"
+  config.adapt = methods.adapt_config("source_only")
   return config

@@ -5,6 +5,8 @@ Not run on its own: configs/adapt.py, source_only.py and oracle.py start from it
 
 import ml_collections
 
+from segjax import methods
+
 
 def _street_scenes(domain: str, split: str, num_examples: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -71,35 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
       scales=(1.0,), flip=False,
       window=(), stride=()))  # (height, width) sliding windows, () for whole images.
 
-  # The adaptation method and its weights (segjax.methods). Output-space methods:
-  # lambda_adv / lambda_ent on the main head, *_aux on the first auxiliary head.
-  config.adapt = ml_collections.ConfigDict(dict(
-      method="source_only", lambda_adv=0.0, lambda_adv_aux=0.0, lambda_ent=0.0,
-      lambda_ent_aux=0.0,
-      gan="vanilla",  # Or "ls" (least squares).
-      disc_input="",  # "softmax" or "self_information"; "": the method's (AdvEnt: the latter).
-      # self_training (DACS / DAFormer): teacher momentum, pseudo-label confidence threshold,
-      # rows ignored at the top / bottom (fractions of the height), strong augmentation.
-      st_alpha=0.999, st_threshold=0.968, st_ignore_top=0.0, st_ignore_bottom=0.0,
-      st_jitter=0.2, st_jitter_p=0.2, st_blur=True,
-      # fcn_wild (FCNs in the Wild): global-alignment and category-adaptation weights; the
-      # source size statistics (a JSON file of segjax.tools.category_stats; "": computed from
-      # data.source at start-up); the CA solver's dual-ascent iterations, step and lower slack.
-      lambda_da=0.1, lambda_ca=1.0, category_stats="", ca_iterations=50, ca_step_size=1.0,
-      ca_slack=1.0,
-      # mpl (Meta Pseudo Labels): the student's pseudo-label weight; the teacher's UDA
-      # (noise consistency) weight, ramped up over mpl_uda_steps (0: no ramp), its noise
-      # std (normalised units); the rate of the feedback's moving baseline.
-      mpl_student_weight=1.0, mpl_uda_weight=1.0, mpl_uda_steps=0, mpl_noise_std=1.0,
-      mpl_baseline_rate=0.01,
-      # The teacher starts as this run's segmenter ('WORKDIR[:latest|best|STEP]'; seed (c):
-      # the adversarially adapted model); "": its own initialisation.
-      mpl_teacher_from="",
-      # pseudo_label (BDL, the real-time seed; CBST): the weight of the CE on the pseudo labels
-      # of data.target.pseudo_labels, and how segjax.tools.make_pseudo_labels makes them:
-      # thresholds "median" (capped at pl_cap) or "cbst" (class-balanced, at the portion
-      # min(pl_portion + pl_round * pl_portion_step, pl_portion_max)), computed over the whole
-      # target set (pl_scope "dataset", BDL) or each image alone ("image", the seed's code).
-      lambda_pl=1.0, pl_threshold="median", pl_scope="dataset", pl_cap=0.9, pl_portion=0.2,
-      pl_portion_step=0.05, pl_portion_max=0.5, pl_round=0))
+  # The adaptation method and its fields (segjax.methods): each method owns its fields
+  # and their defaults, and config.adapt holds exactly those of adapt.method (a config that
+  # switches method builds it anew with methods.adapt_config).
+  config.adapt = methods.adapt_config("source_only")
   return config

@@ -14,6 +14,7 @@ data.eval.list_file).
 """
 
 from configs import recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
@@ -34,5 +35,5 @@ def get_config(arg: str | None = None):
   config.model.learned_upsampling = True
   config.model.dropout_rate = 0.5
   config.optim.seg.update(name="adam", lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, power=0.0)
-  config.adapt.method = "source_only"
+  config.adapt = methods.adapt_config("source_only")
   return config

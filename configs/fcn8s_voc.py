@@ -15,6 +15,7 @@ loss, lr 1e-14) is the same update in a different parameterisation.
 """
 
 from configs import recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
@@ -41,5 +42,5 @@ def get_config(arg: str | None = None):
   config.model.learned_upsampling = True
   config.model.dropout_rate = 0.5
   config.optim.seg.update(lr=1e-4, momentum=0.9, weight_decay=5e-4, power=0.0)
-  config.adapt.method = "source_only"
+  config.adapt = methods.adapt_config("source_only")
   return config

@@ -59,13 +59,13 @@ Differences from the paper and CyCADA:
 """
 
 from configs import adapt, recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
   roots = recipes.uda_roots(arg)
   if not roots:
     config = adapt.get_config()
-    config.adapt.lambda_adv = 0.0
     config.data.augment.scale_range = (1.0, 1.5)
     config.disc.width = 512
   else:
@@ -89,9 +89,7 @@ def get_config(arg: str | None = None):
                             head_lr_mult=1.0)
     config.optim.disc.update(name="sgd", lr=1e-5, momentum=0.99, weight_decay=5e-4, power=0.0)
     config.disc.width = 1024
-  config.adapt.method = "fcn_wild"
-  config.adapt.lambda_da = 0.1
-  config.adapt.lambda_ca = 1.0
+  config.adapt = methods.adapt_config("fcn_wild", lambda_da=0.1, lambda_ca=1.0)
   config.disc.name = "fc7_domain"
   config.disc.dropout_rate = 0.5
   return config

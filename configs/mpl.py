@@ -40,23 +40,22 @@ not every epoch. The seed's `MPL.py` passes --context_path resnet101:
 """
 
 from configs import adapt, bisenet_gta5_cityscapes, recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
   roots = recipes.uda_roots(arg)
   if not roots:
     config = adapt.get_config()
-    config.adapt.method = "mpl"
+    config.adapt = methods.adapt_config("mpl", lambda_adv=0.01)
     return config
   config = bisenet_gta5_cityscapes.get_config()
   recipes.uda_data(config, roots)
   config.optim.seg.update(lr=2.5e-4, momentum=0.9, weight_decay=1e-4, power=0.9)
   config.optim.teacher.update(name="sgd", lr=1.25e-2, momentum=0.9, weight_decay=1e-4,
                               power=0.9)
-  config.adapt.method = "mpl"
-  config.adapt.lambda_adv = 0.001  # Student and teacher, each with its discriminator.
-  config.adapt.mpl_student_weight = 1.0
-  config.adapt.mpl_uda_weight = 0.5
-  config.adapt.mpl_uda_steps = 0
-  config.adapt.mpl_noise_std = 1.0
+  config.adapt = methods.adapt_config(
+      "mpl",
+      lambda_adv=0.001,  # Student and teacher, each with its discriminator.
+      mpl_student_weight=1.0, mpl_uda_weight=0.5, mpl_uda_steps=0, mpl_noise_std=1.0)
   return config

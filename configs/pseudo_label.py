@@ -39,6 +39,7 @@ python -m segjax.tools.self_training_rounds.
 """
 
 from configs import adapt, bisenet_gta5_cityscapes, recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
@@ -46,11 +47,10 @@ def get_config(arg: str | None = None):
   if roots:
     config = bisenet_gta5_cityscapes.get_config()
     recipes.uda_data(config, roots)
-    config.adapt.lambda_adv = 0.001
-    config.adapt.pl_scope = "image"
+    config.adapt = methods.adapt_config("pseudo_label", lambda_adv=0.001, pl_scope="image")
   else:
     config = adapt.get_config()
-  config.adapt.method = "pseudo_label"
+    config.adapt = methods.adapt_config("pseudo_label", lambda_adv=0.01)
   config.adapt.lambda_pl = 1.0
   config.adapt.pl_threshold = "median"
   config.adapt.pl_cap = 0.9

@@ -20,13 +20,14 @@ AdamW 6e-5, rare-class sampling, ImageNet feature distance; not in segjax)
 """
 
 from configs import adapt, deeplabv2_gta5_cityscapes, recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
   roots = recipes.uda_roots(arg)
   if not roots:
     config = adapt.get_config()
-    config.adapt.method = "self_training"
+    config.adapt = methods.adapt_config("self_training")
     return config
   config = deeplabv2_gta5_cityscapes.get_config(arg)
   config.batch_size = 2
@@ -36,5 +37,5 @@ def get_config(arg: str | None = None):
   config.data.source.crop_size = config.data.target.crop_size = ()
   config.data.augment.flip = True
   config.loss.aux_weights = (0.1,)
-  config.adapt.method = "self_training"
+  config.adapt = methods.adapt_config("self_training")
   return config

@@ -11,6 +11,7 @@ discriminator (published: 36.6 mIoU GTA5 -> Cityscapes, UDA-REFERENCE.md 1a).
 """
 
 from configs import default, deeplabv2_gta5_cityscapes, recipes
+from segjax import methods
 
 
 def get_config(arg: str | None = None):
@@ -18,6 +19,5 @@ def get_config(arg: str | None = None):
   if not roots:
     return default.get_config()
   config = deeplabv2_gta5_cityscapes.get_config(arg)
-  config.adapt.method = "source_only"
-  config.adapt.lambda_adv = 0.0
+  config.adapt = methods.adapt_config("source_only")
   return config

@@ -43,8 +43,8 @@ from absl import app, flags, logging
 from etils import epath
 from PIL import Image
 
-from segjax import (checkpointing, cli, data, errors, inference, methods, metrics, models,
-                    parallel, reporting, train)
+from segjax import (checkpointing, cli, data, errors, evaluation, inference, methods, metrics,
+                    models, parallel, reporting, states)
 from segjax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -94,7 +94,7 @@ def restore_segmenter(config: ml_collections.ConfigDict, workdir: str, checkpoin
   try:
     step = ckpt.select_step(checkpoint)
     num_classes = data.dataset_info(config.data.source, "data.source").num_classes
-    targets = {"seg": train.abstract_seg_state(config, num_classes, mesh)}
+    targets = {"seg": states.abstract_seg_state(config, num_classes, mesh)}
     if state != "seg":  # 'seg' gives the TrainState around the other state's variables.
       targets[state] = _abstract_segmenter_state(config, num_classes, mesh, state,
                                                  targets["seg"].params)
@@ -234,14 +234,14 @@ def _abstract_segmenter_state(config: ml_collections.ConfigDict, num_classes: in
   """The restore target of the method's state `state`, checked to hold the segmenter's model
   (parameters shaped as `seg_params`)."""
   method = methods.build(config, num_classes)
-  init_seg = train.segmenter_init(config, jax.random.key(0), num_classes)[0]
+  init_seg = states.segmenter_init(config, jax.random.key(0), num_classes)[0]
   inits = method.state_inits(jax.random.key(0), init_seg)
   name = config.adapt.method
   if state not in inits:
     raise checkpointing.CheckpointError(
         f"--state={state!r}: adapt.method {name!r} keeps the states {sorted(inits)}; "
         "pick one holding the segmenter ('seg' is the network evaluated during training).")
-  abstract = train.abstract_replicated(inits[state], mesh)
+  abstract = states.abstract_replicated(inits[state], mesh)
   params = (abstract.get("params") if isinstance(abstract, dict)
             else getattr(abstract, "params", None))
   shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
@@ -385,19 +385,20 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   eval_ds, num_images = pipeline.eval_dataset(config, process_index=jax.process_index(),
                                               process_count=jax.process_count())
   eval_step = parallel.compile_all(
-      {"eval_step": train.make_eval_step(config, info.num_classes, mesh)},
+      {"eval_step": evaluation.make_eval_step(config, info.num_classes, mesh)},
       {"eval_step": (seg_state, parallel.global_batch_spec(eval_ds[0], mesh),
-                     train.confusion_spec(info.num_classes, mesh))})["eval_step"]
+                     evaluation.confusion_spec(info.num_classes, mesh))})["eval_step"]
   writer = None
   if save_predictions:
     writer = PredictionWriter(save_predictions, names, listed, config.data.eval,
                               config.eval_batch_size, info)
-  confusion, samples = train.evaluate(eval_step, seg_state, eval_ds, mesh, info.num_classes,
-                                      config.num_eval_samples, on_predictions=writer)
+  confusion, samples = evaluation.evaluate(eval_step, seg_state, eval_ds, mesh,
+                                           info.num_classes, config.num_eval_samples,
+                                           on_predictions=writer)
   if writer is not None:
     logging.info("Wrote the predictions of %d images to %s.", writer.written, save_predictions)
 
-  subsets = train.eval_subsets(config)
+  subsets = evaluation.eval_subsets(config)
   result = metrics.scores(confusion, subsets)
   report = {
       "step": int(step), "checkpoint": str(checkpoint), "state": state,
@@ -423,7 +424,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Wrote %s.", path)
   metric_writer = reporting.create_writer(os.path.join(workdir, EVAL_SUBDIR),
                                           is_primary=is_primary)
-  summary = train.eval_summary(confusion, info.class_names, subsets)
+  summary = evaluation.eval_summary(confusion, info.class_names, subsets)
   prefix = split if state == "seg" else f"{split}/{state}"
   metric_writer.write_scalars(step, {f"{prefix}/{key.removeprefix('eval/')}": value
                                      for key, value in summary.items()})

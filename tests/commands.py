@@ -74,7 +74,7 @@ def _run_child(module: str, args: list[str], env: dict, out: str, err: str) -> i
 def _main(spec_path: str) -> None:
   with open(spec_path, encoding="utf-8") as f:
     spec = json.load(f)
-  import segjax.train  # pylint: disable=import-outside-toplevel,unused-import
+  import segjax.train  # pylint: disable=import-outside-toplevel,unused-import  # What segjax.main imports.
   for i, (module, args, *env) in enumerate(spec["commands"]):
     base = os.path.join(spec["folder"], str(i))
     pid = os.fork()

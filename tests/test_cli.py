@@ -78,6 +78,7 @@ def ran(cache_dir, tmp_path_factory):
       ("segjax.evaluate", ["--config=configs/test.py", f"--workdir={tmp / 'empty'}",
                            "--config.model.name=nope"]),
       ("segjax.tools.summary", ["--config=configs/test.py", "--config.model.name=nope"]),
+      ("segjax.main", [*main, "--config.adapt.method=source_only"]),
   ]
   results = commands.run([(module, ["--help"]) for module in OWN_FLAGS] + errors, cache_dir,
                          devices=8)
@@ -97,7 +98,7 @@ def test_every_commands_help_lists_its_own_flags(ran):
 def test_user_errors_are_one_message_with_the_exit_status_of_their_kind(ran):
   results, tmp = ran["errors"], ran["tmp"]
   codes = [proc.returncode for proc in results]
-  assert codes == [2, 2, 2, 1, 1, 1, 2, 1, 2, 1, 2, 2, 1, 1], [p.stderr[-2000:] for p in results]
+  assert codes == [2, 2, 2, 1, 1, 1, 2, 1, 2, 1, 2, 2, 1, 1, 1], [p.stderr[-2000:] for p in results]
   assert _error_line(results[0]).startswith(
       "error: segjax.main: --config.not_a_field: config.not_a_field is not a field; the fields "
       "of config are adapt, batch_size,")
@@ -125,8 +126,16 @@ def test_user_errors_are_one_message_with_the_exit_status_of_their_kind(ran):
       "error: segjax.main: flag --config=configs/adaptsegnet.py:nope=ROOT: Error whilst parsing "
       "config file: ValueError: Bad dataset root 'nope=ROOT' in the config string; expected "
       "NAME=PATH with NAME one of ['gta5', 'synthia', 'cityscapes'].")
-  for proc in results[12:]:  # evaluate, summary: the model is checked before anything is read.
+  for proc in results[12:14]:  # evaluate, summary: the model is checked before anything is read.
     assert "Unknown model name 'nope' (config field model.name)" in _error_line(proc)
+  # A method switched on a config built for another: its fields would be ignored.
+  assert _error_line(results[14]) == (
+      "error: segjax.main: config.adapt.disc_input, config.adapt.gan, config.adapt.lambda_adv, "
+      "config.adapt.lambda_adv_aux, config.adapt.lambda_ent, config.adapt.lambda_ent_aux: "
+      "adapt.method='source_only' does not read them. The fields of "
+      "source_only are none, and config.adapt must hold them and no others: use a config built "
+      "for source_only (configs/source_only.py), or build config.adapt with "
+      "segjax.methods.adapt_config('source_only', FIELD=VALUE, ...).")
 
 
 @pytest.mark.parametrize("path,expected", [

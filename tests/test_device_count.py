@@ -17,7 +17,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import adapt
-from segjax import losses, methods, parallel, train
+from segjax import losses, methods, parallel
+from segjax import states as states_lib
 from segjax.models import layers
 
 import uda_testing  # pylint: disable=wrong-import-order
@@ -97,7 +98,7 @@ def test_main_job_on_8_devices_equals_1_device():
 
   def run(num_devices):
     mesh = _mesh(num_devices)
-    states, _ = train.create_states(config, jax.random.key(config.seed), num_classes, mesh)
+    states, _ = states_lib.create_states(config, jax.random.key(config.seed), num_classes, mesh)
     step = parallel.data_parallel(functools.partial(method.step, axis_name="data"), mesh,
                                   in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
     global_batch = parallel.to_global(batch, mesh)

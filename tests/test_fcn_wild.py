@@ -18,10 +18,11 @@ from PIL import Image
 from configs import fcn_wild as fcn_wild_config
 from configs import recipes
 from configs import test as test_config
-from segjax import methods, parallel, train
+from segjax import methods, parallel, validation
+from segjax import states as states_lib
 from segjax.data import labels
 from segjax.methods import fcn_wild
-from segjax.tools import category_stats
+from segjax.data import category_stats
 
 import uda_testing  # pylint: disable=wrong-import-order
 
@@ -32,9 +33,8 @@ NUM_CLASSES = 8
 def _config(**adapt):
   config = test_config.get_config()
   config.model.dropout_rate = 0.1  # On: masks are keyed by the global example index.
+  config.adapt = methods.adapt_config("fcn_wild", **adapt)
   with config.unlocked():
-    config.adapt.method = "fcn_wild"
-    config.adapt.update(adapt)
     config.disc.name = "fc7_domain"
     config.disc.width = 8
   return config
@@ -63,7 +63,7 @@ def _run(config, initial: dict, workdir, num_devices: int, num_steps: int = 2):
 def test_step_on_8_devices_equals_1_device(tmp_path):
   config = _config()
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  initial = jax.device_get(train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)[0])
+  initial = jax.device_get(states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)[0])
   states8, metrics8 = _run(config, initial, tmp_path, 8)
   states1, metrics1 = _run(config, initial, tmp_path, 1)
   assert set(states8) == {"seg", "disc"}
@@ -233,7 +233,7 @@ def test_category_stats_command_matches_a_hand_count(tmp_path):
   # Evenly spaced examples: the first and the last.
   config = fcn_wild_config.get_config()
   config.data.source = recipes.real_dataset("cityscapes", root, "train")
-  two = category_stats.compute(config, max_examples=2, progress=lambda x, **_: x)
+  two = category_stats.compute(config.data.source, "data.source", max_examples=2, progress=lambda x, **_: x)
   assert two["num_images"] == 2 and two["images"][:3] == [1, 0, 0] and two["delta"][0] == 1.0
   assert category_stats.read(str(out), labels.CITYSCAPES_CLASSES, "adapt.category_stats") == \
       record
@@ -244,7 +244,7 @@ def test_category_stats_command_matches_a_hand_count(tmp_path):
 def test_statistics_are_kept_in_the_workdir(tmp_path):
   """A fresh run copies adapt.category_stats into the workdir; a resumed run reads the copy."""
   stats_file = tmp_path / "stats.json"
-  record = category_stats.compute(_config(), progress=lambda x, **_: x)
+  record = category_stats.compute(_config().data.source, "data.source", progress=lambda x, **_: x)
   category_stats.write(record, str(stats_file))
   config = _config(category_stats=str(stats_file))
   workdir = tmp_path / "run"
@@ -274,7 +274,7 @@ def test_statistics_are_kept_in_the_workdir(tmp_path):
 def test_config_errors_name_the_field(overrides, error, message):
   config = uda_testing.override(_config(), overrides)
   with pytest.raises(error, match=message):
-    train.validate_config(config)
+    validation.validate_config(config)
 
 
 def test_statistics_file_errors_name_the_field(tmp_path):
@@ -297,14 +297,14 @@ def test_statistics_file_errors_name_the_field(tmp_path):
 
 def test_configs_built_in_and_published_recipe():
   built_in = fcn_wild_config.get_config()
-  train.validate_config(built_in)
+  validation.validate_config(built_in)
   assert (built_in.model.name, built_in.data.source.name) == ("compact", "street_scenes")
   assert (built_in.adapt.method, built_in.disc.name) == ("fcn_wild", "fc7_domain")
 
   config = fcn_wild_config.get_config("gta5=/data/gta5,cityscapes=/data/cityscapes")
   on_8_devices = config.copy_and_resolve_references()
   on_8_devices.batch_size = on_8_devices.eval_batch_size = 8  # The recipe's 1 + 1 needs 1 device.
-  train.validate_config(on_8_devices)
+  validation.validate_config(on_8_devices)
   assert config.model.name == "fcn8s_vgg16" and config.disc.width == 1024
   assert (config.data.source.name, tuple(config.data.source.resize)) == ("gta5", (720, 1280))
   assert tuple(config.data.target.resize) == (512, 1024)

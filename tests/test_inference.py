@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh
 
 from configs import test as test_config
-from segjax import inference, parallel, steps, train
+from segjax import evaluation, inference, parallel, steps
 
 NUM_CLASSES = 5
 
@@ -168,7 +168,7 @@ def test_eval_step_counts_every_labelled_pixel_at_twice_the_image_resolution():
   labels = rng.integers(0, NUM_CLASSES, (n, 16, 24)).astype(np.uint8)
   labels[0, :5] = 255  # Ignored: on one device only.
   labels[-1] = 255     # An all-ignore record, like the eval split's padding.
-  eval_step = train.make_eval_step(config, NUM_CLASSES, mesh)
+  eval_step = evaluation.make_eval_step(config, NUM_CLASSES, mesh)
   zeros = jax.device_put(jnp.zeros((NUM_CLASSES, NUM_CLASSES), jnp.int32),
                          parallel.replicated(mesh))
   confusion, preds = eval_step(state, parallel.to_global({"image": images, "label": labels}, mesh),

@@ -10,7 +10,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import test as test_config
-from segjax import checkpointing, methods, parallel, steps, train
+from segjax import checkpointing, errors, methods, parallel, steps, validation
+from segjax import states as states_lib
 from segjax.data import pipeline
 
 import uda_testing  # pylint: disable=wrong-import-order
@@ -64,7 +65,7 @@ _batch = uda_testing.random_batch
 def _setup(config, num_devices: int):
   """(mesh, the initial states on the host, the data-parallel step, the global batch)."""
   mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
-  states, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  states, _ = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   method = methods.build(config, NUM_CLASSES)
   step = parallel.data_parallel(functools.partial(method.step, axis_name="data"), mesh,
                                 in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
@@ -153,7 +154,7 @@ def test_a_step_after_a_checkpoint_round_trip_continues_exactly(tmp_path):
 def test_method_config_errors_name_the_field(overrides, message):
   config = uda_testing.override(test_config.get_config(), overrides)
   with pytest.raises(ValueError, match=message):
-    train.validate_config(config)
+    validation.validate_config(config)
 
 
 def test_self_training_needs_one_crop_for_both_domains():
@@ -211,17 +212,51 @@ def test_strong_augmentation_keeps_flat_images_flat_and_probability_zero_is_iden
   assert jittered.shape == image.shape and not np.allclose(jittered, image)
 
 
+# The configs that take GTA5 (or SYNTHIA) and Cityscapes roots.
+UDA_RECIPES = ("adaptsegnet", "advent", "fcn_wild", "mpl", "pseudo_label", "self_training",
+               "source_only")
+
+
+def test_every_config_holds_its_methods_fields_and_no_others():
+  """config.adapt of every config file (built-in and with dataset roots) is exactly its method's
+  fields; a field of another method, or one missing, is a ConfigError naming it."""
+  import glob, importlib, inspect, os  # pylint: disable=import-outside-toplevel,multiple-imports
+  names = sorted(os.path.basename(path)[:-3] for path in glob.glob(
+      os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "*.py")))
+  checked = set()
+  for name in set(names) - {"__init__", "recipes"}:
+    module = importlib.import_module(f"configs.{name}")
+    parameters = inspect.signature(module.get_config).parameters
+    arguments = [("/c",)] if "root" in parameters else [()]
+    if "arg" in parameters and name in UDA_RECIPES:
+      arguments.append(("gta5=/g,cityscapes=/c",))
+    for args in arguments:
+      config = module.get_config(*args)
+      methods.check_adapt(config.adapt)
+      assert set(config.adapt) == {"method", *methods.method_class(config.adapt.method).adapt_fields}
+      checked.add(config.adapt.method)
+  assert checked == set(methods.METHODS)
+  config = test_config.get_config()  # adaptsegnet
+  config.adapt.method = "self_training"
+  with pytest.raises(errors.ConfigError, match=r"config.adapt.disc_input, .*adapt.method="
+                     r"'self_training' does not read them.*config.adapt lacks st_alpha, "):
+    validation.validate_config(config)
+  with pytest.raises(errors.ConfigError, match=r"adapt_config\('mpl'\): st_alpha is not a "
+                     r"field of mpl; its fields are lambda_adv, gan, "):
+    methods.adapt_config("mpl", st_alpha=0.9)
+
+
 @pytest.mark.parametrize("name", ["source_only", "adaptsegnet", "advent", "self_training"])
 def test_method_configs_run_built_in_by_default_and_take_gta5_or_synthia_roots(name):
   import importlib  # pylint: disable=import-outside-toplevel
   module = importlib.import_module(f"configs.{name}")
   built_in = module.get_config()
-  train.validate_config(built_in)
+  validation.validate_config(built_in)
   assert built_in.adapt.method == name and built_in.data.source.name == "street_scenes"
   for source in ("gta5", "synthia"):
     config = module.get_config(f"{source}=/data/{source},cityscapes=/data/cityscapes")
     config.batch_size = config.eval_batch_size = 8  # The recipes' 1 or 2 would not split over 8.
-    train.validate_config(config)
+    validation.validate_config(config)
     assert config.adapt.method == name and config.model.name == "deeplabv2_r101"
     assert config.data.source.name == source and config.data.eval.resize_labels is False
     crops = tuple(pipeline.crop_size(config, domain) for domain in ("source", "target"))

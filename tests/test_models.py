@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 
 import test_recipes
 from configs import test as test_config
-from segjax import methods, models, parallel, train
+from segjax import methods, models, parallel
+from segjax import states as states_lib
 
 
 def _num_params(variables):
@@ -56,9 +57,9 @@ def test_segmenter_trains_at_an_odd_input_size(name):
   config.model.name = name
   config.model.sync_batch_stats = False  # The forward below runs outside a device mesh.
   config.data.crop_size = (97, 131)
-  config.adapt.method = "source_only"
+  config.adapt = methods.adapt_config("source_only")
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  states, _ = train.create_states(config, jax.random.key(0), 5, mesh)
+  states, _ = states_lib.create_states(config, jax.random.key(0), 5, mesh)
   seg = states["seg"]
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (1, 97, 131, 3), dtype=np.uint8)
@@ -95,7 +96,7 @@ def test_adaptation_trains_with_the_light_discriminator():
   config.disc.name = "dsc"
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   config.adapt.lambda_adv = 0.1
-  states, _ = train.create_states(config, jax.random.key(0), 8, mesh)
+  states, _ = states_lib.create_states(config, jax.random.key(0), 8, mesh)
   step = _train_step(config, 8, mesh)
   rng = np.random.default_rng(0)
   batch = {"source": {"image": rng.integers(0, 256, (2, 32, 64, 3), dtype=np.uint8),
@@ -113,9 +114,9 @@ def _train_losses(dtype: str, num_steps: int) -> tuple[list[float], dict]:
   config.model.dtype = dtype
   config.num_train_steps = 100
   config.optim.seg.lr = 0.1
-  config.adapt.method = "source_only"
+  config.adapt = methods.adapt_config("source_only")
   mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
-  states, _ = train.create_states(config, jax.random.key(0), 8, mesh)
+  states, _ = states_lib.create_states(config, jax.random.key(0), 8, mesh)
   step = _train_step(config, 8, mesh)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4, 32, 64, 3), dtype=np.uint8)

@@ -17,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import mpl as mpl_config
 from configs import test as test_config
-from segjax import checkpointing, evaluate, methods, parallel, steps, train
+from segjax import checkpointing, evaluate, methods, parallel, steps, validation
+from segjax import states as states_lib
 from segjax.methods import mpl
 
 import uda_testing  # pylint: disable=wrong-import-order
@@ -106,10 +107,11 @@ def _teacher_logits(kernel) -> np.ndarray:
 
 def _toy_method():
   config = test_config.get_config()
-  config.adapt.method = "mpl"
-  config.adapt.mpl_student_weight = 2.0  # Pseudo labels outweigh the source labels.
-  config.adapt.mpl_uda_weight = 0.0
-  config.adapt.lambda_adv = 0.0  # The feedback alone: no discriminators.
+  config.adapt = methods.adapt_config(
+      "mpl",
+      mpl_student_weight=2.0,  # Pseudo labels outweigh the source labels.
+      mpl_uda_weight=0.0,
+      lambda_adv=0.0)  # The feedback alone: no discriminators.
   config.data.mean, config.data.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
   return methods.build(config, 2)
 
@@ -201,7 +203,7 @@ def test_the_official_codes_sign_fails_the_check(correct_teacher, monkeypatch):
 
 def _config():
   config = test_config.get_config()
-  config.adapt.method = "mpl"
+  config.adapt = methods.fields_of("mpl", config.adapt)
   config.adapt.mpl_uda_steps = 4  # Exercises the ramp.
   config.model.dropout_rate = 0.1  # On: masks are keyed by the global example index.
   return config
@@ -226,7 +228,7 @@ def _run(step, mesh, initial: dict, between=None, num_steps: int = 2):
 def one_device_run():
   """The initial states (host), the compiled 1-device step and two steps' states and metrics."""
   config, mesh = _config(), _mesh(1)
-  initial = jax.device_get(train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)[0])
+  initial = jax.device_get(states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)[0])
   step = _step_fn(methods.build(config, NUM_CLASSES), mesh)
   return (initial, step, *_run(step, mesh, initial))
 
@@ -271,17 +273,17 @@ def test_the_teacher_can_start_as_another_runs_segmenter(tmp_path):
   student, the optimizer states and the steps stay a fresh run's."""
   config, mesh = uda_testing.override(_config(), {"adapt.lambda_adv": 0.0}), _mesh(1)
   method = methods.build(config, NUM_CLASSES)
-  fresh, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  fresh, _ = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   # Another run's segmenter: different values, the same structure.
   other = {"seg": jax.tree.map(lambda x: x + 1, fresh["seg"])}
   ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=1)
   ckpt.save(3, other, iter(grain.MapDataset.range(4).to_iter_dataset()))
   ckpt.wait_until_finished()
   ckpt.close()
-  assert train.initialise_segmenters(fresh, method, config, NUM_CLASSES, mesh) == fresh
+  assert states_lib.initialise_segmenters(fresh, method, config, NUM_CLASSES, mesh) == fresh
 
   config.adapt.mpl_teacher_from = f"{tmp_path}:latest"
-  started = jax.device_get(train.initialise_segmenters(fresh, method, config, NUM_CLASSES, mesh))
+  started = jax.device_get(states_lib.initialise_segmenters(fresh, method, config, NUM_CLASSES, mesh))
   jax.tree.map(np.testing.assert_array_equal,
                (started["teacher"].params, started["teacher"].batch_stats),
                jax.device_get((other["seg"].params, other["seg"].batch_stats)))
@@ -294,7 +296,7 @@ def test_the_teacher_can_start_as_another_runs_segmenter(tmp_path):
   config.adapt.mpl_teacher_from = str(tmp_path / "nothing")
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"config.adapt.mpl_teacher_from='.*nothing': No checkpoint"):
-    train.validate_config(config)
+    validation.validate_config(config)
 
 
 def _save(states: dict, workdir, step: int = 2) -> str:
@@ -311,7 +313,7 @@ def test_evaluate_reads_the_teacher_with_state(method, state, tmp_path):
   restores that state's variables as the segmenter; a state without the segmenter's model, or
   one the method does not keep, is an error naming the method's states."""
   config, mesh = uda_testing.override(_config(), {"adapt.method": method}), _mesh(1)
-  states, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  states, _ = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   if method == "self_training":  # The EMA teacher starts as the student: make it differ.
     states[state] = jax.tree.map(lambda x: x * 0.5, states[state])
   workdir = _save(states, tmp_path)
@@ -372,12 +374,12 @@ def test_noise_covers_one_rectangle_and_std_zero_is_identity():
 def test_config_errors_name_the_field(overrides, message):
   config = uda_testing.override(_config(), overrides)
   with pytest.raises(ValueError, match=message):
-    train.validate_config(config)
+    validation.validate_config(config)
 
 
 def test_config_runs_built_in_by_default_and_takes_gta5_or_synthia_roots():
   built_in = mpl_config.get_config()
-  train.validate_config(built_in)
+  validation.validate_config(built_in)
   assert built_in.adapt.method == "mpl" and built_in.model.name == "compact"
   assert built_in.data.source.name == "street_scenes"
   for source, size in (("gta5", (720, 1280)), ("synthia", (760, 1280))):
@@ -388,14 +390,14 @@ def test_config_runs_built_in_by_default_and_takes_gta5_or_synthia_roots():
     assert config.optim.seg.lr == 2.5e-4 and config.optim.teacher.lr == 1.25e-2
     assert config.adapt.lambda_adv == 0.001  # The seed's, for student and teacher.
     config.batch_size = config.eval_batch_size = 8  # 4 would not split over 8 devices.
-    train.validate_config(config)
+    validation.validate_config(config)
 
 
 @pytest.mark.slow  # A variant of the step the 8-device test covers; benchmarks/slow_tests.py.
 def test_without_lambda_adv_there_are_no_discriminators():
   config = uda_testing.override(_config(), {"adapt.lambda_adv": 0.0})
   mesh = _mesh(1)
-  states, schedules = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  states, schedules = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   assert set(states) == set(schedules) | {"mpl"} == {"seg", "teacher", "mpl"}
   states, metrics = _step_fn(methods.build(config, NUM_CLASSES), mesh)(
       states, parallel.to_global(_batch(config), mesh), jax.random.key(0))

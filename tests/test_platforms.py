@@ -13,7 +13,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from configs import adapt
-from segjax import methods, parallel, platforms, train
+from segjax import evaluation, methods, parallel, platforms
+from segjax import states as states_lib
 from segjax.models import fast_ops
 
 import uda_testing  # pylint: disable=wrong-import-order
@@ -34,8 +35,8 @@ def _lowered_train_step(config, platform: str) -> str:
   mesh = parallel.make_mesh()
   with platforms.compiling_for(platform):
     method = methods.build(config, NUM_CLASSES)
-    init_seg, _ = train.segmenter_init(config, jax.random.key(0), NUM_CLASSES)
-    states = {name: train.abstract_replicated(init, mesh)
+    init_seg, _ = states_lib.segmenter_init(config, jax.random.key(0), NUM_CLASSES)
+    states = {name: states_lib.abstract_replicated(init, mesh)
               for name, init in method.state_inits(jax.random.key(1), init_seg).items()}
     batch = uda_testing.random_batch(config, n=jax.device_count())
     step = parallel.data_parallel(functools.partial(method.step, axis_name=parallel.DATA_AXIS),
@@ -94,15 +95,15 @@ def test_gpu_forward_has_one_convolution_per_layer():
   config = _main_job_bf16()
   mesh = parallel.make_mesh()
   with platforms.compiling_for("cuda"):
-    seg_state = train.abstract_seg_state(config, NUM_CLASSES, mesh)
-    eval_step = train.make_eval_step(config, NUM_CLASSES, mesh)
+    seg_state = states_lib.abstract_seg_state(config, NUM_CLASSES, mesh)
+    eval_step = evaluation.make_eval_step(config, NUM_CLASSES, mesh)
     h, w = config.data.crop_size
     n = jax.device_count()
     batch = {"image": jax.ShapeDtypeStruct((n, h, w, 3), np.uint8,
                                            sharding=parallel.batch_sharded(mesh)),
              "label": jax.ShapeDtypeStruct((n, h, w), np.uint8,
                                            sharding=parallel.batch_sharded(mesh))}
-    text = eval_step.trace(seg_state, batch, train.confusion_spec(NUM_CLASSES, mesh)).lower(
+    text = eval_step.trace(seg_state, batch, evaluation.confusion_spec(NUM_CLASSES, mesh)).lower(
         lowering_platforms=("cuda",)).as_text()
   kernels = [x for x in jax.tree.leaves(seg_state.params) if x.ndim == 4]
   conv_types = _convolution_types(text)

@@ -23,7 +23,9 @@ from PIL import Image
 import e2e
 from configs import pseudo_label as pseudo_label_config
 from configs import test as test_config
-from segjax import checkpointing, data, evaluate, methods, parallel, pseudo_labels, steps, train
+from segjax import (checkpointing, data, evaluate, methods, parallel, pseudo_labels, steps,
+                    validation)
+from segjax import states as states_lib
 from segjax.data import files, pipeline, pseudo_label_files
 from segjax.tools import make_pseudo_labels as mpl_tool
 from segjax.tools import self_training_rounds
@@ -414,7 +416,7 @@ VARIANTS = {
 def _method_config(overrides=(), method="pseudo_label"):
   config = test_config.get_config()
   config.model.dropout_rate = 0.1  # On: masks are keyed by the global example index.
-  config.adapt.method = method
+  config.adapt = methods.fields_of(method, config.adapt)
   return uda_testing.override(config, overrides)
 
 
@@ -434,7 +436,7 @@ def _batch(config, seed=0, target_labels=None):
 
 def _run_steps(config, num_devices, batch, num_steps=2):
   mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
-  states, _ = train.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  states, _ = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   method = methods.build(config, NUM_CLASSES)
   step = parallel.data_parallel(functools.partial(method.step, axis_name="data"), mesh,
                                 in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
@@ -491,18 +493,18 @@ def test_without_pseudo_labelled_pixels_the_step_is_adaptsegnets():
 def test_method_config_errors_name_the_field(overrides, message):
   config = uda_testing.override(_method_config(), overrides)
   with pytest.raises(ValueError, match=message):
-    train.validate_config(config)
+    validation.validate_config(config)
 
 
 def test_init_from_takes_the_segmenter_and_leaves_the_optimizer_fresh(trained_run):
-  assert train.parse_init_from(f"{trained_run}:best") == (trained_run, "best")
-  assert train.parse_init_from(f"{trained_run}:2") == (trained_run, "2")
-  assert train.parse_init_from("/runs/a:b/x") == ("/runs/a:b/x", "latest")
+  assert states_lib.parse_init_from(f"{trained_run}:best") == (trained_run, "best")
+  assert states_lib.parse_init_from(f"{trained_run}:2") == (trained_run, "2")
+  assert states_lib.parse_init_from("/runs/a:b/x") == ("/runs/a:b/x", "latest")
   config = _method_config()
   config.init_from = trained_run
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  states, _ = train.create_states(config, jax.random.key(7), NUM_CLASSES, mesh)
-  initialised = train.init_segmenter_from(states["seg"], config, NUM_CLASSES, mesh)
+  states, _ = states_lib.create_states(config, jax.random.key(7), NUM_CLASSES, mesh)
+  initialised = states_lib.init_segmenter_from(states["seg"], config, NUM_CLASSES, mesh)
   trained, _ = evaluate.restore_segmenter(config, trained_run, "latest", mesh)
   jax.tree.map(np.testing.assert_array_equal,
                jax.device_get((initialised.params, initialised.batch_stats)),
@@ -513,7 +515,7 @@ def test_init_from_takes_the_segmenter_and_leaves_the_optimizer_fresh(trained_ru
   config.init_from = f"{trained_run}:5"
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"config.init_from=.*:5': --checkpoint=5: no checkpoint of step 5"):
-    train.init_segmenter_from(states["seg"], config, NUM_CLASSES, mesh)
+    states_lib.init_segmenter_from(states["seg"], config, NUM_CLASSES, mesh)
 
 
 # ---- The commands, end to end.

@@ -24,7 +24,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import test as test_config
-from segjax import losses, methods, parallel, steps, train
+from segjax import losses, methods, parallel, steps
+from segjax import states as states_lib
 from segjax.methods import output_space
 
 import uda_testing  # pylint: disable=wrong-import-order
@@ -204,7 +205,7 @@ def test_per_device_batch_norm_normalises_each_device_alone():
     config = test_config.get_config()
     config.model.sync_batch_stats = sync_batch_stats
     mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
-    states, _ = train.create_states(config, jax.random.key(0), uda_testing.NUM_CLASSES, mesh)
+    states, _ = states_lib.create_states(config, jax.random.key(0), uda_testing.NUM_CLASSES, mesh)
     step = parallel.data_parallel(
         functools.partial(methods.build(config, uda_testing.NUM_CLASSES).step, axis_name="data"),
         mesh, in_specs=(P(), P("data"), P()), out_specs=(P(), P()))

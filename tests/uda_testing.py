@@ -3,15 +3,23 @@
 import ml_collections
 import numpy as np
 
+from segjax import methods
 from segjax.data import pipeline
 
 NUM_CLASSES = 8  # The built-in scenes' label space.
 
 
 def override(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
-  """Sets each dotted field of `overrides` (e.g. 'optim.teacher.name'), new fields allowed."""
+  """Sets each dotted field of `overrides` (e.g. 'optim.teacher.name'), new fields allowed.
+
+  A known 'adapt.method' first makes config.adapt that method's fields (keeping the values of
+  those it shares with the current method), as a config built for it would hold.
+  """
+  overrides = dict(overrides)
+  if overrides.get("adapt.method") in methods.METHODS:
+    config.adapt = methods.fields_of(overrides.pop("adapt.method"), config.adapt)
   with config.unlocked():
-    for path, value in dict(overrides).items():
+    for path, value in overrides.items():
       *sections, field = path.split(".")
       node = config
       for section in sections:

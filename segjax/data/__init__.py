@@ -211,3 +211,19 @@ def build_source(config: ml_collections.ConfigDict, field: str, use_cache: bool 
 def dataset_info(config: ml_collections.ConfigDict, field: str) -> DatasetInfo:
   info = _entry(config, field)[1]
   return info(config) if callable(info) else info
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """One line for reports: the dataset, its split and where it is read from."""
+  if config.name == "street_scenes":
+    return (f"street_scenes (built in: {config.domain} domain, {config.split} split, "
+            f"{config.num_examples} examples)")
+  where = config.get("list_file") or config.get("root") or config.get("tfds_name", "")
+  return f"{config.name} (split {config.get('split', '?')}) at {where}"
+
+
+def evenly_spaced(num_examples: int, count: int) -> list[int]:
+  """`count` indices spread over range(num_examples), first and last included (0: all)."""
+  if count <= 0 or count >= num_examples:
+    return list(range(num_examples))
+  return np.linspace(0, num_examples - 1, count).round().astype(int).tolist()

@@ -1,13 +1,14 @@
 """What the methods share: the segmenter's supervised update and discriminator plumbing."""
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from segjax import losses, models, optim, steps
+from segjax import losses, methods, models, optim, parallel, steps
 
 
 class Method:
@@ -16,10 +17,13 @@ class Method:
   target_labels: bool = False
   # The segmenter TrainStates that receive model.backbone_weights on a fresh run.
   pretrained_states: tuple[str, ...] = ("seg",)
+  # The fields of config.adapt the method reads, with their defaults (segjax.methods).
+  adapt_fields: dict[str, Any] = {}
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
     self.config = config
     self.num_classes = num_classes
+    self.adapt = methods.fields_of(config.adapt.method, config.adapt)
     self.seg_loss = losses.from_config(config.loss)
     self.aux_weights = tuple(config.loss.aux_weights)
     self.mean, self.std = tuple(config.data.mean), tuple(config.data.std)
@@ -82,6 +86,14 @@ class Method:
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     """One training iteration: (new states, scalar metrics). Every method defines its own."""
     raise NotImplementedError(f"{type(self).__name__} defines no step.")
+
+
+def build_segmenter(config: ml_collections.ConfigDict, num_classes: int):
+  """The segmenter of config.model as the steps apply it, inside the data-parallel mesh: its
+  BatchNorm averages the batch statistics over the data axis with model.sync_batch_stats, so
+  that they do not depend on the number of devices, else each device keeps its own."""
+  bn_axis_name = parallel.DATA_AXIS if config.model.sync_batch_stats else None
+  return models.build_segmenter(config.model, num_classes, bn_axis_name)
 
 
 def step_rng(rng: jax.Array, step: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ D runs in training mode (channel dropout) in both updates, as in CyCADA's
 trainer; its masks come from the step's key and the device.
 
 Category adaptation (CA, `adapt.lambda_ca`), from per-class statistics of the
-source labels (`segjax.tools.category_stats`): alpha_c (10th percentile of
+source labels (`segjax.data.category_stats`): alpha_c (10th percentile of
 the fraction of an image covered by c, over the images containing c),
 delta_c (mean), gamma_c (90th percentile). In each target image, class c is
 present when the share of pixels whose argmax is c exceeds 0.1 alpha_c
@@ -62,8 +62,8 @@ import tqdm
 from absl import logging
 
 from segjax import data, losses, models, optim, steps
+from segjax.data import category_stats
 from segjax.methods import base
-from segjax.tools import category_stats
 
 SOURCE_DOMAIN = 1.0  # D's logit is the log-odds of "source".
 TARGET_DOMAIN = 0.0
@@ -174,10 +174,21 @@ def discriminator_optimizer(config: ml_collections.ConfigDict, num_steps: int
 
 class FcnWild(base.Method):
   """FCNs in the Wild: see the module docstring."""
+  adapt_fields = {
+      "lambda_da": 0.1,  # Global alignment (0: no domain classifier).
+      "lambda_ca": 1.0,  # Category adaptation (0: no size constraints).
+      # The source size statistics: a JSON file of segjax.tools.category_stats; "": computed
+      # from data.source at start-up.
+      "category_stats": "",
+      # The CA solver's dual-ascent iterations, step size and lower-bound slack.
+      "ca_iterations": 50,
+      "ca_step_size": 1.0,
+      "ca_slack": 1.0,
+  }
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
     super().__init__(config, num_classes)
-    adapt = config.adapt
+    adapt = self.adapt
     self.lambda_da, self.lambda_ca = adapt.lambda_da, adapt.lambda_ca
     for field in ("lambda_da", "lambda_ca", "ca_step_size", "ca_slack"):
       if adapt[field] < 0:
@@ -204,7 +215,7 @@ class FcnWild(base.Method):
       return
     saved = os.path.join(workdir, STATS_FILE)
     class_names = data.dataset_info(self.config.data.source, "data.source").class_names
-    path = self.config.adapt.category_stats
+    path = self.adapt.category_stats
     if os.path.isfile(saved):
       record = category_stats.read(saved, class_names, "the workdir's category statistics")
       logging.info("Category statistics: %s (saved at the run's first start).", saved)
@@ -215,7 +226,7 @@ class FcnWild(base.Method):
       logging.info("adapt.category_stats is empty: computing the category statistics of "
                    "data.source (python -m segjax.tools.category_stats writes them once).")
       record = category_stats.compute(
-          self.config, "data.source",
+          self.config.data.source, "data.source",
           progress=tqdm.tqdm if is_primary else (lambda iterable, **_: iterable))
     if is_primary and not os.path.isfile(saved):
       category_stats.write(record, saved)
@@ -226,7 +237,7 @@ class FcnWild(base.Method):
   def feature_shape(self) -> tuple[int, ...]:
     """The shape of the segmenter's 'features' for one crop (traced, not computed)."""
     height, width = self.config.data.crop_size
-    model = models.build_segmenter(self.config.model, self.num_classes)
+    model = base.build_segmenter(self.config, self.num_classes)
     outputs = jax.eval_shape(
         lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, height, width, 3)),
                                        train=False)[0])
@@ -262,7 +273,7 @@ class FcnWild(base.Method):
     if self.size_stats is None:
       raise RuntimeError("fcn_wild's category statistics are not loaded: call "
                          "method.prepare(workdir) before its step (train_and_evaluate does).")
-    adapt = self.config.adapt
+    adapt = self.adapt
     return losses.global_mean(*size_constraint_loss(
         logits, self.size_stats, iterations=adapt.ca_iterations, step_size=adapt.ca_step_size,
         slack=adapt.ca_slack), axis_name)

@@ -95,7 +95,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segjax import global_batch, losses, models, optim, steps
+from segjax import global_batch, losses, optim, steps
 from segjax.methods import base, output_space
 
 
@@ -135,10 +135,26 @@ def add_rectangle_noise(image: jax.Array, key: jax.Array, std: float) -> jax.Arr
 class MetaPseudoLabels(base.Method):
   """Meta Pseudo Labels with a student ('seg'), a teacher and a feedback baseline: see above."""
   pretrained_states = ("seg", "teacher")
+  adapt_fields = {
+      # Student and teacher each fool their own output-space discriminator, on the main head's
+      # softmax, with this weight (0: no discriminators).
+      "lambda_adv": 0.0,
+      "gan": "vanilla",  # Or "ls" (least squares).
+      "mpl_student_weight": 1.0,  # The student's loss on the teacher's pseudo labels.
+      # The teacher's UDA (noise consistency) weight, ramped up over mpl_uda_steps (0: no
+      # ramp), and its noise std (normalised units).
+      "mpl_uda_weight": 1.0,
+      "mpl_uda_steps": 0,
+      "mpl_noise_std": 1.0,
+      "mpl_baseline_rate": 0.01,  # The rate of the feedback's moving baseline.
+      # The teacher starts as this run's segmenter ('WORKDIR[:latest|best|STEP]'; seed (c):
+      # the adversarially adapted model); "": its own initialisation.
+      "mpl_teacher_from": "",
+  }
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
     super().__init__(config, num_classes)
-    adapt = config.adapt
+    adapt = self.adapt
     for field in ("mpl_student_weight", "mpl_uda_weight", "mpl_uda_steps", "mpl_noise_std"):
       if adapt[field] < 0:
         raise ValueError(f"adapt.{field}={adapt[field]} must be >= 0.")
@@ -158,21 +174,17 @@ class MetaPseudoLabels(base.Method):
     self.lambda_adv = adapt.lambda_adv
     if self.lambda_adv < 0:
       raise ValueError(f"adapt.lambda_adv={self.lambda_adv} must be >= 0.")
-    for field in ("lambda_adv_aux", "lambda_ent", "lambda_ent_aux"):
-      if adapt.get(field, 0.0):
-        raise ValueError(f"adapt.{field}={adapt[field]}: mpl's adversarial terms are on the "
-                         "main head's softmax only (as the seed's); set it to 0.")
-    self.gan = losses.gan_loss(adapt.get("gan", "vanilla"))
-    # The student's discriminator and the teacher's; read by train.validate_config.
+    self.gan = losses.gan_loss(adapt.gan)
+    # The student's discriminator and the teacher's; read by validation.validate_config.
     self.disc_names = ({"student": "disc", "teacher": "disc_teacher"} if self.lambda_adv > 0
                        else {})
 
   def state_inits(self, rng, seg_init):
-    model = models.build_segmenter(self.config.model, self.num_classes)
+    model = base.build_segmenter(self.config, self.num_classes)
     height, width = self.config.data.crop_size
 
     def init_teacher():
-      # `rng` is not the student's key (train.create_states splits them), so the two differ.
+      # `rng` is not the student's key (states.create_states splits them), so the two differ.
       variables = model.init(rng, jnp.zeros((1, height, width, 3)), train=False)
       return steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                      batch_stats=variables.get("batch_stats", {}),
@@ -189,7 +201,7 @@ class MetaPseudoLabels(base.Method):
 
   @property
   def segmenter_sources(self):
-    return {"teacher": ("config.adapt.mpl_teacher_from", self.config.adapt.mpl_teacher_from)}
+    return {"teacher": ("config.adapt.mpl_teacher_from", self.adapt.mpl_teacher_from)}
 
   @property
   def schedules(self):

@@ -66,17 +66,28 @@ def disc_update(state, inputs: dict, gan, axis_name: str):
 
 class OutputSpace(base.Method):
   """adaptsegnet and advent: see the module docstring."""
+  adapt_fields = {
+      # The adversarial weights on the main head and on the first auxiliary head (0: no
+      # discriminator at that level).
+      "lambda_adv": 0.0,
+      "lambda_adv_aux": 0.0,
+      # MinEnt's weights of the target entropy, main and auxiliary head.
+      "lambda_ent": 0.0,
+      "lambda_ent_aux": 0.0,
+      "gan": "vanilla",  # Or "ls" (least squares).
+      "disc_input": "",  # "softmax" or "self_information"; "": the method's (advent: the latter).
+  }
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
     super().__init__(config, num_classes)
-    adapt = config.adapt
+    adapt = self.adapt
     default_input = "self_information" if adapt.method == "advent" else "softmax"
-    self.input_kind = adapt.get("disc_input") or default_input
+    self.input_kind = adapt.disc_input or default_input
     if self.input_kind not in DISC_INPUTS:
       raise ValueError(f"adapt.disc_input={self.input_kind!r}; expected one of {DISC_INPUTS}.")
-    self.gan = losses.gan_loss(adapt.get("gan", "vanilla"))
-    self.lambda_adv = {"main": adapt.lambda_adv, "aux": adapt.get("lambda_adv_aux", 0.0)}
-    self.lambda_ent = {"main": adapt.get("lambda_ent", 0.0), "aux": adapt.get("lambda_ent_aux", 0.0)}
+    self.gan = losses.gan_loss(adapt.gan)
+    self.lambda_adv = {"main": adapt.lambda_adv, "aux": adapt.lambda_adv_aux}
+    self.lambda_ent = {"main": adapt.lambda_ent, "aux": adapt.lambda_ent_aux}
     for level in LEVELS:
       for name, value in (("lambda_adv", self.lambda_adv[level]),
                           ("lambda_ent", self.lambda_ent[level])):

@@ -28,33 +28,38 @@ import ml_collections
 from segjax import losses
 from segjax.methods import base, output_space
 
-# Output-space fields of adaptsegnet / advent this method does not use.
-_UNUSED_FIELDS = ("lambda_adv_aux", "lambda_ent", "lambda_ent_aux")
-
-
 class PseudoLabel(base.Method):
   """See the module docstring; states 'seg' and, with lambda_adv > 0, 'disc'."""
   target_labels = True
+  adapt_fields = {
+      "lambda_pl": 1.0,  # The weight of the loss on the pseudo labels of the target images.
+      "lambda_adv": 0.0,  # AdaptSegNet's adversarial term on the main head (0: no discriminator).
+      "gan": "vanilla",  # Or "ls" (least squares).
+      # How segjax.tools.make_pseudo_labels makes the labels: thresholds "median" (capped at
+      # pl_cap) or "cbst" (class-balanced, at the portion min(pl_portion + pl_round *
+      # pl_portion_step, pl_portion_max)), computed over the whole target set (pl_scope
+      # "dataset", BDL) or each image alone ("image", the seed's code).
+      "pl_threshold": "median",
+      "pl_scope": "dataset",
+      "pl_cap": 0.9,
+      "pl_portion": 0.2,
+      "pl_portion_step": 0.05,
+      "pl_portion_max": 0.5,
+      "pl_round": 0,
+  }
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
     super().__init__(config, num_classes)
-    adapt = config.adapt
-    self.lambda_pl = adapt.get("lambda_pl", 1.0)
+    adapt = self.adapt
+    self.lambda_pl = adapt.lambda_pl
     self.lambda_adv = adapt.lambda_adv
     if self.lambda_pl <= 0:
       raise ValueError(f"adapt.lambda_pl={self.lambda_pl} must be > 0 for pseudo_label "
                        "(without the pseudo labels it is adaptsegnet).")
     if self.lambda_adv < 0:
       raise ValueError(f"adapt.lambda_adv={self.lambda_adv} must be >= 0.")
-    for field in _UNUSED_FIELDS:
-      if adapt.get(field, 0.0):
-        raise ValueError(f"adapt.{field}={adapt[field]}: pseudo_label adapts the main head's "
-                         "softmax only (single level, as the seed); set it to 0.")
-    if adapt.get("disc_input") not in (None, "", "softmax"):
-      raise ValueError(f"adapt.disc_input={adapt.disc_input!r}: pseudo_label's discriminator "
-                       "takes the softmax maps; expected 'softmax' or ''.")
-    self.gan = losses.gan_loss(adapt.get("gan", "vanilla"))
-    # Read by train.validate_config, which then checks config.disc.
+    self.gan = losses.gan_loss(adapt.gan)
+    # Read by validation.validate_config, which then checks config.disc.
     self.disc_names = {"main": "disc"} if self.lambda_adv > 0 else {}
 
   def state_inits(self, rng, seg_init):

@@ -100,10 +100,22 @@ def gaussian_blur(image: jax.Array, key: jax.Array, prob: float = 0.5) -> jax.Ar
 
 class SelfTraining(base.Method):
   """DACS self-training with an EMA teacher and ClassMix: see the module docstring."""
+  adapt_fields = {
+      "st_alpha": 0.999,  # The teacher's momentum.
+      "st_threshold": 0.968,  # The confidence of a pixel counted in the pseudo labels' weight.
+      # Rows of the pseudo labels ignored at the top / bottom, as fractions of the height.
+      "st_ignore_top": 0.0,
+      "st_ignore_bottom": 0.0,
+      # The strong augmentation of the mixed images: colour jitter's strength and probability,
+      # and the Gaussian blur.
+      "st_jitter": 0.2,
+      "st_jitter_p": 0.2,
+      "st_blur": True,
+  }
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
     super().__init__(config, num_classes)
-    adapt = config.adapt
+    adapt = self.adapt
     self.alpha = adapt.st_alpha
     self.threshold = adapt.st_threshold
     self.ignore_top, self.ignore_bottom = adapt.st_ignore_top, adapt.st_ignore_bottom

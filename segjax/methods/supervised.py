@@ -8,6 +8,7 @@ from segjax.methods import base
 class SourceOnly(base.Method):
   """Supervised training on `batch['source']`; target images are not read."""
   uses_target = False
+  adapt_fields = {}  # Nothing but the segmenter's own fields (model, loss, optim.seg).
 
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     seg = states["seg"]

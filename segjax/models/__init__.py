@@ -3,7 +3,8 @@
 The registries name each model's class as 'module:Class' and import it on
 first use, so building one model does not import the others.
 
-Contract of a segmenter (a linen Module with `from_config(config, num_classes)`):
+Contract of a segmenter (a linen Module with
+`from_config(config, num_classes, bn_axis_name=None)`):
   `__call__(images (N, H, W, 3) float, train: bool = False)` returns a dict
     'logits':   (N, H, W, num_classes) float32, at the input's size;
     'aux':      a tuple of auxiliary logits of the same shape (BiSeNet's
@@ -54,8 +55,15 @@ def segmenter_class(name: str) -> type[nn.Module]:
   return _lookup(SEGMENTERS, "model", name)
 
 
-def build_segmenter(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  return segmenter_class(config.name).from_config(config, num_classes)
+def build_segmenter(config: ml_collections.ConfigDict, num_classes: int,
+                    bn_axis_name: str | None = None) -> nn.Module:
+  """The segmenter of the model config `config`.
+
+  `bn_axis_name` is the mesh axis over which its BatchNorm layers average
+  their batch statistics, None for each device's own: a property of where
+  the model runs (the mesh), which the caller knows and the models do not.
+  """
+  return segmenter_class(config.name).from_config(config, num_classes, bn_axis_name)
 
 
 def build_discriminator(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:

@@ -45,7 +45,6 @@ import ml_collections
 
 from segjax.models import layers
 from segjax.models.backbones.resnet import ResNet
-from segjax.parallel import DATA_AXIS
 
 
 def _global_average(x):
@@ -107,10 +106,11 @@ class FeatureFusion(nn.Module):
     return x * gate + x
 
 
-def _from_config(cls, config: ml_collections.ConfigDict, num_classes: int):
+def _from_config(cls, config: ml_collections.ConfigDict, num_classes: int,
+                 bn_axis_name: str | None):
   return cls(num_classes=num_classes, norm=config.get("norm", "batch"),
              aux_heads=config.get("aux_heads", True),
-             bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
+             bn_axis_name=bn_axis_name,
              dtype=layers.dtype_of(config.dtype),
              param_dtype=layers.dtype_of(config.param_dtype))
 
@@ -135,8 +135,9 @@ class BiSeNetR18(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
-    return _from_config(cls, config, num_classes)
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int,
+                  bn_axis_name: str | None = None) -> Self:
+    return _from_config(cls, config, num_classes, bn_axis_name)
 
   @staticmethod
   def backbone_torch_key(path: tuple[str, ...]) -> str:
@@ -190,8 +191,9 @@ class BiSeNetR101(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
-    return _from_config(cls, config, num_classes)
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int,
+                  bn_axis_name: str | None = None) -> Self:
+    return _from_config(cls, config, num_classes, bn_axis_name)
 
   @staticmethod
   def backbone_torch_key(path: tuple[str, ...]) -> str:

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from segjax.models import layers
-from segjax.parallel import DATA_AXIS
 
 
 class ResidualBlock(nn.Module):
@@ -56,10 +55,11 @@ class CompactSeg(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int,
+                  bn_axis_name: str | None = None) -> Self:
     return cls(num_classes=num_classes, width=config.width, dropout_rate=config.dropout_rate,
                aux_head=config.get("aux_head", False),
-               bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
+               bn_axis_name=bn_axis_name,
                dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
 

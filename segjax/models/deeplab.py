@@ -36,7 +36,6 @@ import ml_collections
 
 from segjax.models import layers, weights
 from segjax.models.backbones.resnet import ResNet
-from segjax.parallel import DATA_AXIS
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # DeepLabV3+'s atrous rates per output stride.
 ASPP_V2_DILATIONS = (6, 12, 18, 24)
@@ -108,11 +107,12 @@ class DeepLabV3Plus(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int,
+                  bn_axis_name: str | None = None) -> Self:
     return cls(num_classes=num_classes, output_stride=config.get("output_stride", 16),
                norm=config.get("norm", "batch"), dropout_rate=config.get("dropout_rate", 0.5),
                aux_head=config.get("aux_head", False),
-               bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
+               bn_axis_name=bn_axis_name,
                dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
 
@@ -253,15 +253,17 @@ class DeepLabV2R101(nn.Module):
       {weights.CAFFE: caffe_classifier_key}))
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int,
+                  bn_axis_name: str | None = None) -> Self:
     """`model.norm` defaults to 'frozen' (the reference) when backbone weights are given.
 
     Without them it defaults to 'batch': frozen statistics of an untrained
     network are the identity, and 33 unnormalised bottlenecks overflow.
     `model.resnet_style` must be the layout of `model.backbone_weights`:
-    checked here, where train.py's config check builds the model first, so a
-    contradiction fails before anything is compiled. A file that is not there
-    is left to the loader (evaluation and prediction do not read it).
+    checked here, where the config check (`segjax.validation`) builds the
+    model first, so a contradiction fails before anything is compiled. A file
+    that is not there is left to the loader (evaluation and prediction do not
+    read it).
     """
     path = config.get("backbone_weights")
     style = config.get("resnet_style", weights.CAFFE)
@@ -269,7 +271,7 @@ class DeepLabV2R101(nn.Module):
       weights.check_layout(path, style, "model.resnet_style")
     return cls(num_classes=num_classes, norm=config.get("norm", "frozen" if path else "batch"),
                aspp_branches=config.get("aspp_branches", 4), resnet_style=style,
-               bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
+               bn_axis_name=bn_axis_name,
                dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
 

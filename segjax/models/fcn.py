@@ -157,7 +157,9 @@ class _FCN(nn.Module):
   backbone_torch_key = staticmethod(VGG16.torch_key)
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int,
+                  bn_axis_name: str | None = None) -> Self:
+    del bn_axis_name  # No BatchNorm.
     return cls(num_classes=num_classes,
                conv1_padding=config.get("conv1_padding", 100),
                learned_upsampling=config.get("learned_upsampling", True),

@@ -25,7 +25,6 @@ import numpy as np
 
 from segjax.models import layers
 from segjax.models.fcn import ConvTranspose
-from segjax.parallel import DATA_AXIS
 
 
 def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -142,10 +141,11 @@ class UNet(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int,
+                  bn_axis_name: str | None = None) -> Self:
     return cls(num_classes=num_classes, width=config.get("width", 64),
                bilinear=config.get("bilinear", False),
-               bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
+               bn_axis_name=bn_axis_name,
                dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
 
@@ -214,9 +214,10 @@ class UNetSmall(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> Self:
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int,
+                  bn_axis_name: str | None = None) -> Self:
     return cls(num_classes=num_classes, width=config.get("width", 32),
-               bn_axis_name=DATA_AXIS if config.sync_batch_stats else None,
+               bn_axis_name=bn_axis_name,
                dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
 

@@ -112,7 +112,7 @@ def cache(config: ml_collections.ConfigDict, fields=data_cli.DATASET_FIELDS,
                          f"--config.{cacheable[0]}.cache_dir=/path/to/cache.")
   status = 0
   for field, sub in selected:
-    print(f"== {field}: {data_cli.describe(sub)}", flush=True)
+    print(f"== {field}: {data.describe(sub)}", flush=True)
     if sub.name == "street_scenes":
       print("   skipped: built in, generated on the fly.", flush=True)
     elif not sub.get("cache_dir"):

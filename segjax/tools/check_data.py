@@ -88,7 +88,7 @@ def problem_kind(error: files.DataError) -> str:
 
 def open_field(config: ml_collections.ConfigDict, field: str):
   """(report, source): the source over the original files, or None (built in, or start-up error)."""
-  report = FieldReport(field, data_cli.describe(config))
+  report = FieldReport(field, data.describe(config))
   if config.name == "street_scenes":
     report.built_in = True
     return report, None

@@ -37,12 +37,3 @@ def dataset_configs(config: ml_collections.ConfigDict, fields: list[str],
     return [(field, dataset_config(config, field)) for field in fields]
   except ValueError as e:
     raise app.UsageError(f"{flag}: {e}") from e
-
-
-def describe(config: ml_collections.ConfigDict) -> str:
-  """One line for reports: the dataset, its split and where it is read from."""
-  if config.name == "street_scenes":
-    return (f"street_scenes (built in: {config.domain} domain, {config.split} split, "
-            f"{config.num_examples} examples)")
-  where = config.get("list_file") or config.get("root") or config.get("tfds_name", "")
-  return f"{config.name} (split {config.get('split', '?')}) at {where}"

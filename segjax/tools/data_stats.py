@@ -47,13 +47,6 @@ SAMPLES_FILE = "samples.png"
 PANEL_WIDTH = 512  # Pixels of each panel of samples.png at most.
 
 
-def evenly_spaced(num_examples: int, count: int) -> list[int]:
-  """`count` indices spread over range(num_examples), first and last included (0: all)."""
-  if count <= 0 or count >= num_examples:
-    return list(range(num_examples))
-  return np.linspace(0, num_examples - 1, count).round().astype(int).tolist()
-
-
 def _read(source, index: int) -> dict | None:
   """Example `index`, or None if it is unreadable and the source's policy is to skip."""
   if not isinstance(source, files.FileSource):
@@ -213,12 +206,13 @@ def write_stats(config: ml_collections.ConfigDict, field: str, out_dir: str,
   [(field, sub)] = data_cli.dataset_configs(config, [field], "--field")
   source = data.build_source(sub, field)
   info = data.dataset_info(sub, field)
-  indices = evenly_spaced(len(source), max_examples)
-  shown = [indices[i] for i in evenly_spaced(len(indices), num_images)] if num_images > 0 else []
+  indices = data.evenly_spaced(len(source), max_examples)
+  shown = ([indices[i] for i in data.evenly_spaced(len(indices), num_images)] if num_images > 0
+           else [])
   counts, records = class_stats(source, info.num_classes, indices, set(shown), progress)
   if not counts["num_images"]:
     raise files.DataError(f"{field}: none of the {len(indices)} examples could be read.")
-  stats = stats_record(counts, info.class_names, field, data_cli.describe(sub))
+  stats = stats_record(counts, info.class_names, field, data.describe(sub))
   os.makedirs(out_dir, exist_ok=True)
   _write_json(stats, os.path.join(out_dir, STATS_FILE))
   plot_distribution(stats, info.palette, os.path.join(out_dir, DISTRIBUTION_FILE))

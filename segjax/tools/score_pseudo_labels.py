@@ -32,9 +32,8 @@ import tqdm
 from absl import app, flags
 
 from segjax import cli, data
-from segjax.data import files, pseudo_label_files
+from segjax.data import category_stats, files, pseudo_label_files
 from segjax.losses import IGNORE_LABEL
-from segjax.tools import category_stats
 
 FLAGS = flags.FLAGS
 

@@ -33,7 +33,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segjax import cli, errors, methods, reporting, train
+from segjax import cli, errors, methods, reporting, states, train
 from segjax.data import pseudo_label_files
 from segjax.tools import make_pseudo_labels
 
@@ -88,7 +88,7 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str, init_from: str, 
       if os.path.isfile(os.path.join(labels, pseudo_label_files.THRESHOLDS_FILE)):
         logging.info("Round %d: the pseudo labels in %s are complete.", r, labels)
       else:
-        model_workdir, choice = train.parse_init_from(model)
+        model_workdir, choice = states.parse_init_from(model)
         logging.info("Round %d: pseudo labels from %s (checkpoint %s) in %s.", r, model_workdir,
                      choice, labels)
         make_pseudo_labels.make_pseudo_labels(config_r, model_workdir, choice, labels, progress)

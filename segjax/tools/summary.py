@@ -60,7 +60,6 @@ def count(tree) -> int:
 def summarize(config, height: int, width: int, batch: int, num_classes: int,
               repeats: int) -> list[dict]:
   """One record per network: name, params, forward and train-step FLOPs, latency."""
-  config.model.sync_batch_stats = False  # Applied outside a device mesh here.
   images = jnp.zeros((batch, height, width, 3), jnp.float32)
   seg = models.build_segmenter(config.model, num_classes)
   variables = jax.jit(lambda: seg.init(jax.random.key(0), images[:1], train=False))()
