@@ -193,6 +193,10 @@ def _train_with(config, workdir, is_primary, mesh, info, method, ckpt) -> dict[s
           save(step, pending)
         ckpt.wait_until_finished()
         writer.flush()
+        if jax.process_count() > 1:
+          # No process exits before every one has its part of the checkpoint on disk: a
+          # scheduler may kill the others on the first exit (srun --kill-on-bad-exit).
+          multihost_utils.sync_global_devices(f"segjax: saved step {step} before stopping")
         raise preemption.Preempted(step, stop, os.path.join(workdir, "checkpoints"))
     if start_step >= config.num_train_steps:
       logging.info("Training already finished at step %d; evaluating.", start_step)

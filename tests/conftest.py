@@ -9,6 +9,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's optimisations off (its backend at -O0, no expensive LLVM passes): the tests' programs
+# compile about 40% faster in CPU time and run on tiny inputs, where speed does not matter. The
+# computations are the same, to float rounding; every comparison in the tests is between two
+# programs compiled alike, or with a tolerance. benchmarks/slow_tests.py runs the slow set with
+# them on (SEGJAX_TEST_XLA_OPTIMIZATIONS=1), as users compile.
+if os.environ.get("SEGJAX_TEST_XLA_OPTIMIZATIONS") != "1":
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (REPO_ROOT, os.path.dirname(os.path.abspath(__file__))):
@@ -33,3 +40,4 @@ def reference_run(tmp_path_factory, cache_dir):
   import e2e  # pylint: disable=import-outside-toplevel
   proc = e2e.run_main(workdir, cache_dir)
   return workdir, proc.stderr
+

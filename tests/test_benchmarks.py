@@ -54,3 +54,14 @@ def test_builtin_uda_runs_a_tiny_config(cache_dir, tmp_path):
   with open(workdir / "config.json", encoding="utf-8") as f:
     assert json.load(f)["num_train_steps"] == 2  # The tiny run's.
   assert "\n| source_only | " in proc.stdout
+
+
+def test_conv_formulations_runs_at_its_tiny_size(cache_dir, tmp_path):
+  out = tmp_path / "rows.jsonl"
+  proc = _run("conv_formulations.py", "--tiny", f"--out={out}", cache_dir=cache_dir)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [row["layer"] for row in rows][:2] == ["fcd conv1", "fcd conv2"]
+  for row in rows:
+    assert set(row["kernel_grad"]) >= {"xla", "taps"} and row["kernel_grad"]["taps"]["ms"] > 0
+    assert row["planned"]["kernel_grad"] in row["kernel_grad"]
+  assert "fcd conv1" in proc.stdout

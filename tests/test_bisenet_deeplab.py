@@ -308,8 +308,9 @@ def test_from_config_reads_the_model_fields_and_published_defaults():
   v3 = build("deeplabv3plus_r101")
   assert (v3.depth, v3.output_stride, v3.dropout_rate, v3.aux_head, v3.norm,
           v3.bn_axis_name) == (101, 16, 0.5, False, "batch", None)
-  v3 = build("deeplabv3plus_r50", output_stride=8, dropout_rate=0.1, aux_head=True,
-             norm="frozen", sync_batch_stats=True, dtype="bfloat16")
+  v3 = models.build_segmenter(model_config("deeplabv3plus_r50", output_stride=8, dropout_rate=0.1,
+                                            aux_head=True, norm="frozen", dtype="bfloat16"),
+                              7, bn_axis_name="data")  # The mesh's axis: the caller's to give.
   assert (v3.depth, v3.output_stride, v3.dropout_rate, v3.aux_head, v3.norm, v3.bn_axis_name,
           v3.dtype) == (50, 8, 0.1, True, "frozen", "data", jnp.bfloat16)
   v2 = build("deeplabv2_r101", backbone_weights="resnet101.safetensors")

@@ -258,8 +258,8 @@ def test_data_stats_counts_match_a_hand_count(tmp_path):
     assert image.format == "PNG" and image.width > 400 and image.height > image.width / 2
 
   # Evenly spaced examples: the first and the last.
-  assert data_stats.evenly_spaced(10, 4) == [0, 3, 6, 9]
-  assert data_stats.evenly_spaced(3, 0) == data_stats.evenly_spaced(3, 8) == [0, 1, 2]
+  assert data.evenly_spaced(10, 4) == [0, 3, 6, 9]
+  assert data.evenly_spaced(3, 0) == data.evenly_spaced(3, 8) == [0, 1, 2]
   stats = data_stats.write_stats(config, "data.source", out, max_examples=2, num_images=0,
                                  progress=no_progress)
   assert stats["num_images"] == 2 and stats["ignored_pixels"] == 64

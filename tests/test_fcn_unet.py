@@ -512,9 +512,9 @@ def test_unets_train_at_an_odd_size(model):
 
 
 def test_unet_from_config():
-  model = build_segmenter(_model_config("unet", sync_batch_stats=True), 19)
+  model = build_segmenter(_model_config("unet"), 19, bn_axis_name="data")
   assert isinstance(model, unet.UNet)
-  assert (model.width, model.bilinear, model.bn_axis_name) == (64, False, parallel.DATA_AXIS)
+  assert (model.width, model.bilinear, model.bn_axis_name) == (64, False, "data")
   model = build_segmenter(_model_config("unet", width=16, bilinear=True), 19)
   assert (model.width, model.bilinear, model.bn_axis_name) == (16, True, None)
   model = build_segmenter(_model_config("unet_small"), 19)

@@ -58,6 +58,7 @@ def trained_run(tmp_path_factory, cache_dir):
 def _generation_config(**adapt):
   config = test_config.get_config()
   config.data.target.num_examples = NUM_TARGET
+  config.adapt = methods.fields_of("pseudo_label", config.adapt)  # The thresholds' fields.
   for field, value in adapt.items():
     config.adapt[field] = value
   return config
@@ -485,8 +486,8 @@ def test_without_pseudo_labelled_pixels_the_step_is_adaptsegnets():
 @pytest.mark.parametrize("overrides, message", [
     ({"adapt.lambda_pl": 0.0}, r"adapt.lambda_pl=0.0 must be > 0"),
     ({"adapt.lambda_adv": -1.0}, r"adapt.lambda_adv=-1.0 must be >= 0"),
-    ({"adapt.lambda_ent": 0.01}, r"adapt.lambda_ent=0.01: pseudo_label adapts the main head"),
-    ({"adapt.disc_input": "self_information"}, r"adapt.disc_input='self_information'"),
+    ({"adapt.lambda_ent": 0.01}, r"config.adapt.lambda_ent: adapt.method='pseudo_label' does "
+                                 r"not read it"),
     ({"init_from": "/nonexistent/run:best"},
      r"config.init_from='/nonexistent/run:best': No checkpoint in /nonexistent/run/checkpoints"),
 ])

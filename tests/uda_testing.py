@@ -1,5 +1,8 @@
 """Helpers shared by the adaptation-method tests: config overrides and a random two-domain batch."""
 
+import contextlib
+
+import jax
 import ml_collections
 import numpy as np
 
@@ -39,3 +42,15 @@ def random_batch(config: ml_collections.ConfigDict, n: int = 8, seed: int = 0) -
   return {"source": {"image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
                      "label": labels},
           "target": {"image": rng.integers(0, 256, (n, th, tw, 3), dtype=np.uint8)}}
+
+
+@contextlib.contextmanager
+def xla_optimizations():
+  """XLA's optimisations on inside the block, as users compile (tests/conftest.py turns them
+  off for the test session)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)

@@ -37,10 +37,13 @@ plans each convolution:
     Forward: taps for 1x1 kernels and where taps skip padding on maps of at
     most 16x32 outputs, else XLA (which also fuses the BatchNorm and ReLU
     that follow). Input gradient: taps on maps of at most 16x32, s2d for
-    stride 2 on large maps, else XLA. Kernel gradient: taps from 128 input
-    channels, from 128 output channels at stride 1, or on maps of at most
-    32x64; rows for narrower stride-1 convolutions on maps of 128x256 and
-    more (VGG's conv1_2); else XLA (64-channel maps of 64x128, the stem).
+    stride 2 on large maps, else XLA. Kernel gradient: rows for stride-1
+    convolutions of 32 or more input channels on maps of 128x256 and more
+    (VGG's conv1_2: 349 ms, taps 418, XLA 2451), else taps. XLA's is never
+    faster and is far slower on large maps with few input channels: 200 ms
+    against 56 for the FCD discriminator's first layer (19 to 64 channels,
+    4x4 stride 2, 2x256x512 input), 112 against 37 for ResNet's stem
+    (jax 0.10.2; benchmarks/conv_formulations.py times each candidate).
 These rules come from timing each candidate on every convolution of the
 segmentation models and the discriminator on a 2-core AVX-512 machine. All
 formulations sum the same products as lax, so results agree to float
@@ -65,12 +68,10 @@ from segjax import platforms
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 _TAPS_MAX_MAP = 16 * 32           # forward and input gradient by taps up to this many outputs
-_TAPS_GRAD_MIN_CHANNELS = 128     # kernel gradient by taps from this many channels...
-_TAPS_GRAD_MAX_MAP = 32 * 64      # ...or up to this many outputs
 _S2D_MIN_MAP = 64 * 128           # stride-2 input gradient by space-to-depth from this many outputs
 _S2D_MIN_MAP_EVEN_KERNEL = 32 * 64  # ...or from this many when the kernel is even (no added taps)
 _ROWS_MIN_MAP = 128 * 256         # kernel gradient by rows (stride 1) from this many outputs...
-_ROWS_MIN_CHANNELS = 32           # ...and this many input channels, where taps does not apply
+_ROWS_MIN_CHANNELS = 32           # ...and this many input channels; else by taps
 _SKIP_PADDING_BELOW = 0.8         # taps skip padded products when fewer than this share are live
 
 
@@ -125,11 +126,8 @@ def _plan(x_shape, kernel_shape, strides, padding, dilation) -> _Plan:
       pixels >= _S2D_MIN_MAP
       or (pixels >= _S2D_MIN_MAP_EVEN_KERNEL and kept[0] % 2 == 0 and kept[1] % 2 == 0)):
     input_grad = "s2d"
-  cout = kernel_shape[3]
-  kernel_grad = ("taps" if pointwise or pixels <= _TAPS_GRAD_MAX_MAP
-                 or cin >= _TAPS_GRAD_MIN_CHANNELS
-                 or (cout >= _TAPS_GRAD_MIN_CHANNELS and strides == (1, 1)) else "xla")
-  if (kernel_grad == "xla" and strides == (1, 1) and pixels >= _ROWS_MIN_MAP
+  kernel_grad = "taps"
+  if (not pointwise and strides == (1, 1) and pixels >= _ROWS_MIN_MAP
       and cin >= _ROWS_MIN_CHANNELS):
     kernel_grad = "rows"
   return dataclasses.replace(geometry, forward=forward, input_grad=input_grad,

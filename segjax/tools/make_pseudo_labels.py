@@ -1,12 +1,14 @@
 """Pseudo labels of the target training images by a trained checkpoint (BDL, the seed; CBST).
 
-  python -m segjax.tools.make_pseudo_labels --config=configs/adapt.py --workdir=runs/adapt \
+  python -m segjax.tools.make_pseudo_labels --config=configs/pseudo_label.py --workdir=runs/adapt \
       [--checkpoint=latest|best|STEP] --out=runs/adapt/pseudo_labels
   python -m segjax.main --config=configs/pseudo_label.py --workdir=runs/pseudo_label \
       --config.data.target.pseudo_labels=runs/adapt/pseudo_labels [--config.init_from=runs/adapt]
 
---config is the trained run's (its model and optimizer restore the checkpoint),
-any field overridable; the thresholds come from config.adapt:
+--config has the trained run's model (which restores the checkpoint), any field
+overridable; the thresholds come from config.adapt, the fields of adapt.method
+'pseudo_label' (configs/pseudo_label.py; with another method's config, the
+trained run's own, they take their defaults):
   pl_threshold='median' (BDL, the seed): per class, the median confidence (max
       softmax probability) of the pixels predicted as that class, capped at
       pl_cap (0.9); a pixel keeps its prediction when its confidence reaches
@@ -67,7 +69,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 
-from segjax import (checkpointing, cli, data, errors, evaluate, inference, parallel,
+from segjax import (checkpointing, cli, data, errors, evaluate, inference, methods, parallel,
                     pseudo_labels, reporting, steps)
 from segjax.data import files, pseudo_label_files
 from segjax.losses import IGNORE_LABEL
@@ -362,7 +364,9 @@ def make_pseudo_labels(config: ml_collections.ConfigDict, workdir: str,
     raise files.DataError(f"data.target ({config.data.target.name}) and data.source "
                           f"({config.data.source.name}) do not share one label space: the "
                           "checkpoint predicts data.source's classes.")
-  policy = Policy.from_config(config.adapt, info.num_classes)
+  # A pseudo_label config's thresholds; another method's config (the trained run's) has none of
+  # its fields and gets their defaults.
+  policy = Policy.from_config(methods.fields_of("pseudo_label", config.adapt), info.num_classes)
   evaluate.check_model(config)
   devices = jax.local_devices()
   if config.eval_batch_size <= 0 or config.eval_batch_size % len(devices):
