@@ -76,12 +76,14 @@ def test_two_processes_stop_together_on_a_signal_to_one_and_match_one_process_of
   got = e2e.comparable_metrics(workdir)
   want = e2e.comparable_metrics(reference_run[0])
   assert [r["step"] for r in got] == [r["step"] for r in want]
-  # TOLERANCE
+  # Gloo's cross-process all-reduce adds the two processes' partial sums, in another order than
+  # the in-process reduction over 8 devices: the runs differ by float rounding only. Measured
+  # (CI's CPU, jax 0.10.2): the logged means differ by at most 1.7e-7 relative (one or two
+  # float32 ulps) over the 20 steps, with no growth, and the evaluations are identical.
   for g, w in zip(got, want):
     assert g.keys() == w.keys()
     for key in g:
       if key.startswith("train/"):
-        rtol = 1e-6 if g["step"] <= 6 else 1e-2
-        np.testing.assert_allclose(g[key], w[key], rtol=rtol, err_msg=f"{key} at {g['step']}")
+        np.testing.assert_allclose(g[key], w[key], rtol=1e-6, err_msg=f"{key} at {g['step']}")
       elif key.startswith("eval/"):
-        np.testing.assert_allclose(g[key], w[key], atol=0.02, err_msg=f"{key} at {g['step']}")
+        assert g[key] == w[key], f"{key} at {g['step']}"

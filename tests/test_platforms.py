@@ -121,3 +121,10 @@ def test_max_pool_on_gpu_is_lax_reduce_window():
   cpu = lowered("cpu")
   assert _ops(cuda)["reduce_window"] == 1 and _ops(cuda)["select_and_scatter"] == 1
   assert _ops(cpu)["select_and_scatter"] == 0  # The CPU's scatter-free gradient.
+
+
+def test_run_once_initialisers_compile_unoptimised_on_the_cpu_only():
+  """parallel.make_replicated's compile options: -O0 for XLA:CPU, the defaults elsewhere."""
+  assert parallel.init_compiler_options() == parallel.CPU_INIT_COMPILER_OPTIONS
+  with platforms.compiling_for("cuda"):
+    assert parallel.init_compiler_options() is None
