@@ -45,8 +45,10 @@ Differences from the paper and CyCADA:
   * CyCADA starts adaptation from a source-trained FCN; by default segjax
     starts from ImageNet VGG16 (model.backbone_weights) and trains the source
     loss alongside from step 0 (the paper's joint objective). For CyCADA's
-    start, train the source model first with the same config and
-    --config.adapt.method=source_only, then adapt with
+    start, train the source model first with this config's model and data
+    and source labels only (a config file whose get_config calls this one's
+    and sets config.adapt = segjax.methods.adapt_config("source_only"): the
+    fcn_wild fields cannot ride along with another method), then adapt with
     --config.init_from=THAT_WORKDIR;
   * CyCADA's lambda_g weights a target-only inverted-label loss; lambda_da
     weights the paper's symmetric 0.5 (L_D + L_Dinv) over both domains;
