@@ -37,7 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.crop_size = (64, 128)
   config.data.augment = ml_collections.ConfigDict(dict(
       scale_range=(0.75, 1.5), flip=True, brightness=0.25, contrast=0.25, saturation=0.25,
-      hue=0.05))
+      hue=0.05,
+      cat_max_ratio=1.0))  # < 1: mmseg's crop retries, until no class covers that share.
+  # Rare-class sampling of the source images (DAFormer; segjax.data.rare_class): off at
+  # temperature 0. stats: a file of segjax.tools.rcs_stats; "": computed into the workdir.
+  config.data.rcs = ml_collections.ConfigDict(dict(
+      temperature=0.0, min_pixels=3000, min_crop_ratio=0.5, stats=""))
   config.data.mean = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB in [0, 1].
   config.data.std = (0.229, 0.224, 0.225)
   config.data.num_workers = 0  # Grain worker processes; 0 reads in the main process.
@@ -55,12 +60,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict()
   config.optim.seg = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.01, momentum=0.9, b1=0.9, b2=0.999, weight_decay=5e-4, power=0.9,
-      head_lr_mult=1.0))  # Learning-rate factor for everything outside the backbone.
+      head_lr_mult=1.0,  # Learning-rate factor for everything outside the backbone.
+      warmup_steps=0, warmup_ratio=1e-6,  # Linear warm-up of the schedule from ratio x lr.
+      no_decay=()))  # AdamW: parameters whose path contains one of these names do not decay.
   config.optim.disc = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.99, power=0.9))
   # mpl's teacher: its own optimizer, the same fields as optim.seg.
   config.optim.teacher = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.01, momentum=0.9, b1=0.9, b2=0.999, weight_decay=5e-4, power=0.9,
-      head_lr_mult=1.0))
+      head_lr_mult=1.0, warmup_steps=0, warmup_ratio=1e-6, no_decay=()))
 
   # The segmentation loss of every head: "ce", "focal", "ce+focal" or "ohem".
   config.loss = ml_collections.ConfigDict(dict(

@@ -23,6 +23,29 @@ def poly_schedule(base_lr: float, num_steps: int, power: float = 0.9) -> optax.S
   return schedule
 
 
+def warmup_poly_schedule(base_lr: float, num_steps: int, power: float, warmup_steps: int,
+                         warmup_ratio: float) -> optax.Schedule:
+  """The poly schedule, multiplied over the first `warmup_steps` by a factor rising linearly
+  from `warmup_ratio` to 1 (mmcv's linear warm-up, DAFormer's 'poly10warm')."""
+  poly = poly_schedule(base_lr, num_steps, power)
+  if warmup_steps <= 0:
+    return poly
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    # = 1 - (1 - step / warmup_steps) * (1 - warmup_ratio), without float32's cancellation.
+    factor = warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+    return poly(step) * jnp.where(step < warmup_steps, factor, 1.0)
+  return schedule
+
+
+def decays(path: tuple[str, ...], no_decay: tuple[str, ...]) -> bool:
+  """Whether weight decay applies to the parameter at `path`: not when a name in `no_decay`
+  is part of its '/'-joined path (mmcv's `custom_keys` with decay_mult 0 match so)."""
+  joined = "/".join(path)
+  return not any(name in joined for name in no_decay)
+
+
 def _scaled(schedule: optax.Schedule, factor: float) -> optax.Schedule:
   return schedule if factor == 1 else (lambda step: factor * schedule(step))
 
@@ -39,9 +62,17 @@ def _base(config: ml_collections.ConfigDict, schedule: optax.Schedule,
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.adam(schedule, b1=config.b1, b2=config.b2))
   if name == "adamw":
-    return optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+    no_decay = tuple(config.get("no_decay", ()))
+    mask = None if not no_decay else lambda params: _decay_mask(params, no_decay)
+    return optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                       mask=mask)
   raise ValueError(f"Unknown optimizer {name!r} (config field {field}.name); expected one of "
                    f"{list(OPTIMIZERS)}.")
+
+
+def _decay_mask(params, no_decay: tuple[str, ...]):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: decays(tuple(str(getattr(k, "key", k)) for k in path), no_decay), params)
 
 
 def segmenter_optimizer(config: ml_collections.ConfigDict,
@@ -50,10 +81,19 @@ def segmenter_optimizer(config: ml_collections.ConfigDict,
 
   The poly decay spans `decay_steps` (AdaptSegNet decays over 250k steps and
   stops at 150k) or, when that is 0 or absent, the whole run. `head_lr_mult`
-  scales the learning rate of everything outside the pretrained backbone (the heads learn 10x faster in AdaptSegNet, ADVENT and BiSeNet).
-  Returns the transformation and the backbone's schedule (the one logged as lr).
+  scales the learning rate of everything outside the pretrained backbone (the
+  heads learn 10x faster in AdaptSegNet, ADVENT, BiSeNet and DAFormer).
+  `warmup_steps` / `warmup_ratio` warm the schedule up linearly (DAFormer:
+  1,500 steps from 1e-6 of the lr); `no_decay` (AdamW) names parameters
+  without weight decay (DAFormer: 'norm', 'pos_block'). Returns the
+  transformation and the backbone's schedule (the one logged as lr).
   """
-  schedule = poly_schedule(config.lr, config.get("decay_steps", 0) or num_steps, config.power)
+  if config.get("no_decay") and config.get("name", "sgd") != "adamw":
+    raise ValueError(f"optim.seg.no_decay={tuple(config.no_decay)} is read by AdamW only "
+                     f"(optim.seg.name='adamw'), not {config.get('name', 'sgd')!r}.")
+  schedule = warmup_poly_schedule(config.lr, config.get("decay_steps", 0) or num_steps,
+                                  config.power, config.get("warmup_steps", 0),
+                                  config.get("warmup_ratio", 1e-6))
   mult = config.get("head_lr_mult", 1.0)
   if mult == 1.0:
     return _base(config, schedule, "optim.seg"), schedule

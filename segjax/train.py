@@ -102,7 +102,9 @@ def _train_with(config, workdir, is_primary, mesh, info, method, ckpt) -> dict[s
   train_batches = pipeline.train_batches(config, with_target=method.uses_target,
                                          process_index=jax.process_index(),
                                          process_count=jax.process_count(),
-                                         target_labels=method.target_labels)
+                                         target_labels=method.target_labels,
+                                         sampler=pipeline.rare_class_sampler(config, workdir,
+                                                                             is_primary))
   train_iter = iter(pipeline.stream(train_batches, config.data.num_workers))
   eval_ds, num_eval = pipeline.eval_dataset(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())

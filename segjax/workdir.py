@@ -122,10 +122,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
   """{dotted field: (saved value, current value)} for every field that differs or is new/gone."""
   old, new = _flatten(saved), _flatten(current)
-  missing = object()
-  return {field: (old.get(field, missing), new.get(field, missing))
+  return {field: (old.get(field, _ABSENT), new.get(field, _ABSENT))
           for field in sorted(old.keys() | new.keys())
-          if old.get(field, missing) != new.get(field, missing)}
+          if old.get(field, _ABSENT) != new.get(field, _ABSENT)}
 
 
 # Fields read only when a run starts from scratch (a resume restores what they gave).
@@ -133,6 +132,23 @@ READ_ONLY_AT_START = ("init_from", "model.backbone_weights", "adapt.mpl_teacher_
 # Fields that locate inputs (a dataset, a cache, pseudo labels, statistics): moving them, or the
 # workdir holding them, changes where the same files are read from, not what is trained.
 LOCATIONS = ("root", "data_dir", "cache_dir", "pseudo_labels", "category_stats")
+
+
+# Fields segjax gained after workdirs were recorded, each with the value that trains as before
+# it existed: a recorded config without the field resumes when the field has that value.
+ADDED_FIELDS = {
+    "optim.seg.warmup_steps": 0, "optim.seg.warmup_ratio": 1e-6, "optim.seg.no_decay": [],
+    "optim.teacher.warmup_steps": 0, "optim.teacher.warmup_ratio": 1e-6,
+    "optim.teacher.no_decay": [],
+    "data.augment.cat_max_ratio": 1.0,
+    "data.rcs.temperature": 0.0, "data.rcs.min_pixels": 3000, "data.rcs.min_crop_ratio": 0.5,
+    "data.rcs.stats": "",
+}
+_ABSENT = object()
+
+
+def _unchanged_by_addition(field: str, old: Any, new: Any) -> bool:
+  return old is _ABSENT and field in ADDED_FIELDS and new == ADDED_FIELDS[field]
 
 
 def may_change(field: str) -> bool:
@@ -170,7 +186,8 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict, step: i
     raise WorkdirError(f"{path} cannot be read ({e}); it records the config the checkpoints "
                        "were trained with. Restore it, or pass another --workdir.") from e
   differences = config_differences(saved, current)
-  refused = {field: values for field, values in differences.items() if not may_change(field)}
+  refused = {field: values for field, values in differences.items()
+             if not may_change(field) and not _unchanged_by_addition(field, *values)}
   if refused:
     listed = "; ".join(f"config.{field}: {_shown(old)} in {CONFIG_FILE}, now {_shown(new)}"
                        for field, (old, new) in refused.items())

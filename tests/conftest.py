@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (before JAX is imported), the repo root importable."""
 
+import fcntl
 import os
 import sys
 
@@ -35,9 +36,20 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, cache_dir):
-  """An uninterrupted run on 8 devices: (workdir, its stderr)."""
-  workdir = str(tmp_path_factory.mktemp("reference"))
+  """An uninterrupted run on 8 devices: (workdir, its stderr).
+
+  Run once per test session: under pytest-xdist the workers share it through the session's
+  base directory, the first to need it running it under a file lock.
+  """
   import e2e  # pylint: disable=import-outside-toplevel
-  proc = e2e.run_main(workdir, cache_dir)
-  return workdir, proc.stderr
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    return workdir, e2e.run_main(workdir, cache_dir).stderr
+  shared = tmp_path_factory.getbasetemp().parent  # The session's; each worker's is below it.
+  workdir, stderr_file = shared / "reference_run", shared / "reference_run.stderr"
+  with open(shared / "reference_run.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not stderr_file.exists():
+      stderr_file.write_text(e2e.run_main(str(workdir), cache_dir).stderr, encoding="utf-8")
+  return str(workdir), stderr_file.read_text(encoding="utf-8")
 

@@ -27,6 +27,7 @@ OWN_FLAGS = {
     "segjax.tools.convert_weights": ("input", "output"),
     "segjax.tools.data_stats": ("config", "out", "field", "max_examples", "num_images"),
     "segjax.tools.make_pseudo_labels": ("config", "workdir", "checkpoint", "out"),
+    "segjax.tools.rcs_stats": ("config", "out"),
     "segjax.tools.score_pseudo_labels": ("labels", "out"),
     "segjax.tools.self_training_rounds": ("config", "workdir", "init_from", "rounds",
                                           "steps_per_round", "checkpoint"),

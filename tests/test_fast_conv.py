@@ -122,6 +122,32 @@ def test_unsupported_convolutions_go_to_lax():
   np.testing.assert_array_equal(grouped, expected)
 
 
+@pytest.mark.parametrize("shape, k, stride, padding, dilation", [
+    ((2, 17, 23, 64), 3, 1, 1, 1),   # MiT's Mix-FFN
+    ((2, 17, 23, 64), 3, 2, 1, 1),
+    ((2, 9, 11, 32), 5, 1, 3, 2),
+    ((2, 16, 32, 256), 3, 1, 12, 12),  # DAFormer's dilated depthwise ASPP branch
+])
+def test_depthwise_convolutions_are_lax_in_value_and_gradient(shape, k, stride, padding, dilation):
+  """On the CPU a depthwise convolution is a sum of shifted per-channel products."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((k, k, 1, shape[-1])), jnp.float32)
+
+  def conv(fn):
+    return lambda x, kernel: fn(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                rhs_dilation=(dilation, dilation), dimension_numbers=NHWC,
+                                feature_group_count=shape[-1])
+
+  ours, theirs = conv(fast_ops.conv_general_dilated), conv(lax.conv_general_dilated)
+  np.testing.assert_allclose(ours(x, kernel), theirs(x, kernel), rtol=1e-5, atol=1e-4)
+  loss = lambda fn: jax.grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), argnums=(0, 1))(x, kernel)
+  for a, b in zip(loss(ours), loss(theirs)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+  jaxpr = str(jax.make_jaxpr(ours)(x, kernel))
+  assert "conv_general_dilated" not in jaxpr
+
+
 @pytest.mark.parametrize("use_bias", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_layers_conv_matches_nn_conv(use_bias, dtype):

@@ -213,8 +213,8 @@ def test_strong_augmentation_keeps_flat_images_flat_and_probability_zero_is_iden
 
 
 # The configs that take GTA5 (or SYNTHIA) and Cityscapes roots.
-UDA_RECIPES = ("adaptsegnet", "advent", "fcn_wild", "mpl", "pseudo_label", "self_training",
-               "source_only")
+UDA_RECIPES = ("adaptsegnet", "advent", "daformer", "fcn_wild", "mpl", "pseudo_label",
+               "self_training", "source_only")
 
 
 def test_every_config_holds_its_methods_fields_and_no_others():

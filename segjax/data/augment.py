@@ -18,6 +18,7 @@ _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
                         [0.596, -0.274, -0.322],
                         [0.211, -0.523, 0.312]], np.float32)
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
+CROP_TRIES = 11  # mmseg's RandomCrop for cat_max_ratio: the first crop and up to 10 redraws.
 
 
 def _resize(array: np.ndarray, height: int, width: int, resample) -> np.ndarray:
@@ -50,6 +51,9 @@ class TrainAugment(grain.transforms.RandomMap):
   """Scale by a random factor, crop `crop_size` at random (padding with ignore), flip, jitter.
 
   Records without a label (unlabelled target images) are augmented the same way.
+  `cat_max_ratio` < 1 (mmseg's RandomCrop): a labelled crop is redrawn, up to 10
+  times, until no class covers `cat_max_ratio` or more of its labelled
+  pixels (a crop of a single class is redrawn too).
   """
   crop_size: tuple[int, int]
   scale_range: tuple[float, float] = (1.0, 1.0)
@@ -58,6 +62,7 @@ class TrainAugment(grain.transforms.RandomMap):
   contrast: float = 0.0
   saturation: float = 0.0
   hue: float = 0.0
+  cat_max_ratio: float = 1.0
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     image, label = element["image"], element.get("label")
@@ -74,8 +79,15 @@ class TrainAugment(grain.transforms.RandomMap):
       image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
       if label is not None:
         label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_LABEL)
-    top = rng.integers(0, image.shape[0] - crop_h + 1)
-    left = rng.integers(0, image.shape[1] - crop_w + 1)
+    for _ in range(CROP_TRIES):
+      top = rng.integers(0, image.shape[0] - crop_h + 1)
+      left = rng.integers(0, image.shape[1] - crop_w + 1)
+      if label is None or self.cat_max_ratio >= 1.0:
+        break
+      counts = np.bincount(label[top:top + crop_h, left:left + crop_w].ravel(), minlength=256)
+      counts = counts[:IGNORE_LABEL]
+      if np.count_nonzero(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+        break
     image = image[top:top + crop_h, left:left + crop_w]
     if label is not None:
       label = label[top:top + crop_h, left:left + crop_w]

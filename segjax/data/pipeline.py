@@ -5,6 +5,10 @@ per-epoch permutation, augmented per record and repeated forever. The source
 and target streams are zipped, so they advance in lockstep and one iterator
 state (saved in every checkpoint) covers both.
 
+Rare-class sampling (`data.rcs.temperature` > 0, DAFormer): the source stream
+draws each record's image for a rare class instead (`segjax.data.rare_class`),
+one draw per position of the stream, from the stream's seed and that position.
+
 Multi-process: every process describes the same global stream and reads only
 its contiguous slice of each global batch (process p gets rows
 [p * B/P, (p+1) * B/P) of batch t). The global batches are therefore the same
@@ -12,13 +16,15 @@ for any number of processes, and so are the results.
 """
 
 import dataclasses
+import os
 
 import grain
 import ml_collections
 import numpy as np
+import tqdm
 
 from segjax import data, errors
-from segjax.data import pseudo_label_files
+from segjax.data import pseudo_label_files, rare_class
 from segjax.data.augment import TrainAugment
 from segjax.losses import IGNORE_LABEL
 
@@ -58,11 +64,68 @@ def _augmentation(config: ml_collections.ConfigDict, domain: str) -> TrainAugmen
   aug = config.data.augment
   return TrainAugment(crop_size=crop_size(config, domain), scale_range=tuple(aug.scale_range),
                       flip=aug.flip, brightness=aug.brightness, contrast=aug.contrast,
-                      saturation=aug.saturation, hue=aug.hue)
+                      saturation=aug.saturation, hue=aug.hue,
+                      cat_max_ratio=aug.get("cat_max_ratio", 1.0))
 
 
 def _domain_stream(source, seed: int, augment: TrainAugment) -> grain.MapDataset:
   return grain.MapDataset.source(source).seed(seed).shuffle().random_map(augment).repeat()
+
+
+@dataclasses.dataclass(frozen=True)
+class _RareClassDraw(grain.transforms.RandomMap):
+  """Stream position -> an augmented source record drawn for a rare class (see the module
+  docstring of `segjax.data.rare_class`)."""
+  source: object
+  sampler: rare_class.Sampler
+  augment: TrainAugment
+  min_crop_pixels: float
+
+  def random_map(self, element: int, rng: np.random.Generator) -> dict:
+    del element  # The draw depends on the position only through `rng`.
+    index, c = self.sampler.draw(rng)
+    record = self.source[index]
+    for _ in range(rare_class.MAX_CROPS):
+      out = self.augment.random_map(record, rng)
+      if self.min_crop_pixels <= 0 or np.sum(out["label"] == c) > self.min_crop_pixels:
+        break
+    return out
+
+
+def _rare_class_stream(source, seed: int, augment: TrainAugment, sampler: rare_class.Sampler,
+                       min_crop_pixels: float) -> grain.MapDataset:
+  # Every position of the repeated range gets its own draw (random_map after repeat).
+  return (grain.MapDataset.range(len(source)).repeat().seed(seed)
+          .random_map(_RareClassDraw(source, sampler, augment, min_crop_pixels)))
+
+
+RCS_STATS_FILE = "rcs_stats.json"  # The workdir's copy of the rare-class statistics.
+
+
+def rare_class_sampler(config: ml_collections.ConfigDict, workdir: str = "",
+                       is_primary: bool = True) -> rare_class.Sampler | None:
+  """The sampler of `data.rcs`, or None when rare-class sampling is off (temperature 0).
+
+  Its statistics come from `data.rcs.stats` when set, else from the workdir's
+  rcs_stats.json, computed there at the run's first start (and continued
+  there if that start was interrupted).
+  """
+  rcs = config.data.get("rcs")
+  if rcs is None or not rcs.temperature:
+    return None
+  if rcs.temperature < 0 or rcs.min_pixels < 0 or rcs.min_crop_ratio < 0:
+    raise errors.ConfigError(f"data.rcs: temperature ({rcs.temperature}), min_pixels "
+                             f"({rcs.min_pixels}) and min_crop_ratio ({rcs.min_crop_ratio}) "
+                             "must be >= 0.")
+  saved = os.path.join(workdir, RCS_STATS_FILE) if workdir else ""
+  if rcs.stats:
+    record = rare_class.read(rcs.stats, config.data.source, "data.source")
+  else:
+    record = rare_class.compute(config.data.source, "data.source",
+                                path=saved if is_primary else "",
+                                progress=tqdm.tqdm if is_primary else (lambda it, **_: it))
+  return rare_class.Sampler(record["counts"], record["class_names"], rcs.temperature,
+                            rcs.min_pixels)
 
 
 def _process_slice(ds: grain.MapDataset, global_batch: int, process_index: int,
@@ -72,15 +135,24 @@ def _process_slice(ds: grain.MapDataset, global_batch: int, process_index: int,
 
 
 def train_batches(config: ml_collections.ConfigDict, *, with_target: bool, process_index: int,
-                  process_count: int, target_labels: bool = False) -> grain.MapDataset:
+                  process_count: int, target_labels: bool = False,
+                  sampler: rare_class.Sampler | None = None) -> grain.MapDataset:
   """Infinite random-access sequence of this process's batches.
 
   Each is {'source': {image, label}[, 'target': {image[, label]}]}: with
   `target_labels`, the target labels are the pseudo labels of
-  `data.target.pseudo_labels`, augmented with their images.
+  `data.target.pseudo_labels`, augmented with their images. With `sampler`
+  (`rare_class_sampler`), the source images are drawn for their rare classes.
   """
-  source = _domain_stream(data.build_source(config.data.source, "data.source"),
-                          _stream_seed(config.seed, 0), _augmentation(config, "source"))
+  source_data = data.build_source(config.data.source, "data.source")
+  if sampler is None:
+    source = _domain_stream(source_data, _stream_seed(config.seed, 0),
+                            _augmentation(config, "source"))
+  else:
+    rcs = config.data.rcs
+    source = _rare_class_stream(source_data, _stream_seed(config.seed, 0),
+                                _augmentation(config, "source"), sampler,
+                                rcs.min_pixels * rcs.min_crop_ratio)
   if with_target:
     target_source = data.build_source(config.data.target, "data.target")
     if target_labels:

@@ -19,7 +19,8 @@ A method is built from the config (`build`) and provides:
   advent         AdvEnt and/or MinEnt (Vu et al. 2019)
   fcn_wild       FCNs in the Wild: fc7 domain classifier + category size constraints
   mpl            Meta Pseudo Labels: a teacher taught by the student's feedback
-  self_training  EMA teacher, confidence-weighted pseudo labels, ClassMix (DACS/DAFormer)
+  self_training  EMA teacher, confidence-weighted pseudo labels, ClassMix (DACS)
+  daformer       self_training + ImageNet feature distance, DAFormer's defaults (Hoyer 2022)
   pseudo_label   offline pseudo labels (median / CBST thresholds) + adversarial (the seed, BDL)
 """
 
@@ -38,6 +39,7 @@ METHODS = {
     "mpl": "segjax.methods.mpl:MetaPseudoLabels",
     "pseudo_label": "segjax.methods.pseudo_label:PseudoLabel",
     "self_training": "segjax.methods.self_training:SelfTraining",
+    "daformer": "segjax.methods.daformer:DAFormer",
 }
 
 

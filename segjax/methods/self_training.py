@@ -147,6 +147,12 @@ class SelfTraining(base.Method):
       return gaussian_blur(x, blur_key) if self.blur else x
     return jax.vmap(one)(images.astype(jnp.float32), keys)
 
+  def source_terms(self, states: dict, src: dict, src_out: dict, axis_name: str):
+    """More loss terms of the student's source pass: (loss, {name: value}); none here
+    (`segjax.methods.daformer` adds its feature distance)."""
+    del states, src, src_out, axis_name
+    return 0.0, {}
+
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     seg, ema = states["seg"], states["ema"]
     # The teacher starts as the student (DACS's alpha_0 = 0), pretrained weights included.
@@ -186,6 +192,8 @@ class SelfTraining(base.Method):
       src_out, stats = base.segment(seg, params, seg.batch_stats, self.preprocess(src["image"]),
                                     src_rng)
       loss, parts = self.source_loss(src_out, src["label"], axis_name)
+      extra, extra_parts = self.source_terms(states, src, src_out, axis_name)
+      loss, parts = loss + extra, dict(parts, **extra_parts)
       mix_out, stats = base.segment(seg, params, stats,
                                     steps.preprocess(mixed_images, self.mean, self.std), mix_rng)
       loss_mix = base.global_mean(
@@ -202,4 +210,4 @@ class SelfTraining(base.Method):
     new_ema = ema_update(ema, {"params": new_seg.params, "batch_stats": new_seg.batch_stats},
                          alpha)
     metrics = dict(parts, pseudo_weight=pseudo_weight, lr=self.seg_lr(seg.step))
-    return {"seg": new_seg, "ema": new_ema}, metrics
+    return dict(states, seg=new_seg, ema=new_ema), metrics

@@ -33,6 +33,8 @@ SEGMENTERS: dict[str, str] = {
     "deeplabv2_r101": "deeplab:DeepLabV2R101",
     "unet": "unet:UNet",
     "unet_small": "unet:UNetSmall",
+    **{f"{head}_mitb{i}": f"segformer:{cls}MiTB{i}"
+       for head, cls in (("daformer", "DAFormer"), ("segformer", "SegFormer")) for i in range(6)},
 }
 
 DISCRIMINATORS: dict[str, str] = {

@@ -82,6 +82,29 @@ class Dropout(nn.Module):
     return jax.lax.select(jnp.broadcast_to(keep, x.shape), x / keep_prob, jnp.zeros_like(x))
 
 
+class DropPath(nn.Module):
+  """Stochastic depth (timm's DropPath): drops a residual branch for whole examples.
+
+  Each example keeps the branch with probability 1 - rate, drawn from its own
+  key (`global_batch.example_keys`) as `Dropout` draws its masks, and a kept
+  branch is scaled by 1 / (1 - rate). Needs a 'dropout' rng unless
+  deterministic.
+  """
+  rate: float
+  deterministic: bool | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if deterministic or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    keys = global_batch.example_keys(self.make_rng("dropout"), x.shape[0])
+    keep = jax.vmap(lambda key: jax.random.bernoulli(key, keep_prob))(keys)
+    scale = jnp.where(keep, 1.0 / keep_prob, 0.0).astype(x.dtype)
+    return x * scale.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
 class FrozenBatchNorm(nn.Module):
   """BatchNorm with fixed statistics and affine terms (torchvision's FrozenBatchNorm2d).
 

@@ -17,6 +17,11 @@ Layouts, told apart by the keys (`detect_layout`):
     The network strides in the 1x1 convolution where torchvision's strides in
     the 3x3, so the two layouts' ResNets hold the same shapes and compute
     different things: a model reads a layout only if it says so (`KeyMap`).
+  * 'mit': the official SegFormer MiT encoders (`mit_b0.pth` ... `mit_b5.pth`,
+    a bare state dict: `patch_embed1.proj.weight`, `block1.0.attn.kv.weight`);
+  * 'hf_segformer': Hugging Face's SegFormer (`encoder.patch_embeddings.0...`,
+    `encoder.block.0.0.attention.self.query...`, under 'segformer.' in the
+    `SegformerFor...` models), which a `KeyMap` converter renames to 'mit'.
 
 A backbone module names its variables so that `torch_key(path)` gives the key
 of each; the loader converts layouts (OIHW -> HWIO, a Linear matrix -> the
@@ -40,17 +45,28 @@ _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 TORCHVISION = "torchvision"
 CAFFE = "caffe"
+MIT = "mit"
+HF_SEGFORMER = "hf_segformer"
 LAYOUTS = {
     TORCHVISION: "torchvision's layout (its ResNets stride in each bottleneck's 3x3 convolution)",
     CAFFE: "the Caffe-converted DeepLab layout ('Scale.' keys; its ResNet strides in each "
            "bottleneck's 1x1 convolution)",
+    MIT: "the official SegFormer MiT layout ('patch_embed1.proj.weight', 'block1.0.attn.kv')",
+    HF_SEGFORMER: "Hugging Face's SegFormer layout ('encoder.patch_embeddings.0.proj.weight')",
 }
-KEY_PREFIXES = {TORCHVISION: "", CAFFE: "Scale."}
+KEY_PREFIXES = {TORCHVISION: "", CAFFE: "Scale.", MIT: "", HF_SEGFORMER: ""}
 
 
 def detect_layout(keys: Iterable[str]) -> str:
-  """'caffe' for DeepLab's Caffe-converted files (keys starting 'Scale.'), else 'torchvision'."""
-  return CAFFE if any(k.startswith(KEY_PREFIXES[CAFFE]) for k in keys) else TORCHVISION
+  """The layout of a state dict with these keys (see the module docstring)."""
+  keys = list(keys)
+  if any(k.startswith(KEY_PREFIXES[CAFFE]) for k in keys):
+    return CAFFE
+  if any(k.removeprefix("segformer.").startswith("encoder.patch_embeddings.") for k in keys):
+    return HF_SEGFORMER
+  if any(k.startswith("patch_embed1.") for k in keys):
+    return MIT
+  return TORCHVISION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +79,18 @@ class KeyMap:
   reads torchvision's only). `heads[layout](path)` gives the key of a variable
   outside the backbone that files of that layout hold (DeepLab-v2's classifier
   in its Caffe init), or None for a variable they do not hold.
+  `converters[layout]` rewrites a file of that layout's tensors into the
+  layout the key functions read (Hugging Face's SegFormer names into the
+  official MiT ones). A file key for which `backbone_file_key` is true must be
+  used: one left over means the file holds another size of the network
+  (MiT-B2's extra blocks in a MiT-B1), an error.
   """
   backbone: Callable[[tuple[str, ...]], str]
   layouts: tuple[str, ...] = (TORCHVISION,)
   heads: Mapping[str, Callable[[tuple[str, ...]], str | None]] = dataclasses.field(
       default_factory=dict)
+  converters: Mapping[str, Callable[[dict], dict]] = dataclasses.field(default_factory=dict)
+  backbone_file_key: Callable[[str], bool] | None = None
 
   def __call__(self, path: tuple[str, ...]) -> str:
     return self.backbone(path)
@@ -231,9 +254,14 @@ def load_backbone(variables: dict, path: str, torch_key: Callable[[tuple[str, ..
   layout = detect_layout(tensors)
   if layout not in key_map.layouts:
     readable = " or ".join(LAYOUTS[name] for name in key_map.layouts)
-    hint = " DeepLab-v2 (model.name='deeplabv2_r101') reads it." if layout == CAFFE else ""
+    hint = {CAFFE: " DeepLab-v2 (model.name='deeplabv2_r101') reads it.",
+            MIT: " The MiT segmenters (model.name='daformer_mitb5', ...) read it.",
+            HF_SEGFORMER: " The MiT segmenters (model.name='daformer_mitb5', ...) read it."
+            }.get(layout, "")
     raise ValueError(f"{path} holds {LAYOUTS[layout]}, which this model (model.name) does not "
                      f"read: it reads {readable}.{hint}")
+  if layout in key_map.converters:
+    tensors = key_map.converters[layout](tensors)
   file_key = lambda key: KEY_PREFIXES[layout] + key
   head_key = key_map.heads.get(layout, lambda path: None)
   flat = {collection: traverse_util.flatten_dict(dict(tree))
@@ -275,6 +303,12 @@ def load_backbone(variables: dict, path: str, torch_key: Callable[[tuple[str, ..
       loaded.append(key)
   used = set(loaded) | skipped_keys
   unused = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+  extra = sorted(k for k in tensors if k not in used and key_map.backbone_file_key is not None
+                 and key_map.backbone_file_key(k))
+  if extra:
+    raise ValueError(f"{path}: {extra[0]} {tuple(tensors[extra[0]].shape)} has no place in "
+                     f"the model's backbone ({len(extra)} such keys); is it another size of "
+                     "the model.name architecture?")
   new_variables = {collection: traverse_util.unflatten_dict(tree)
                    for collection, tree in flat.items()}
   return new_variables, LoadReport(loaded=loaded, unused=unused, layout=layout, skipped=skipped)

@@ -1,0 +1,139 @@
+"""daformer: self-training (EMA teacher, ClassMix) plus DAFormer's ImageNet feature distance.
+
+Hoyer et al. 2022 (`mmseg/models/uda/dacs.py` of lhoyer/DAFormer). The step is
+`self_training`'s (the teacher, pseudo labels and their confidence weight,
+ClassMix, strong augmentation and the EMA update are that module's code)
+with DAFormer's defaults, pseudo labels ignoring the top 15 and bottom 120
+of 512 rows, and one more term on the source batch:
+
+  Thing-class ImageNet feature distance (FD). The student's last encoder
+  stage on the source images is pulled towards that of a frozen copy of the
+  encoder as the run starts (its ImageNet weights, `model.backbone_weights`):
+  the L2 distance between the two feature vectors, averaged over the feature
+  cells whose pooled source label is a thing class (`fd_classes`, by name;
+  Cityscapes' traffic light, traffic sign, person, rider, car, truck, bus,
+  train, motorcycle, bicycle), weighted by `fd_lambda` (0.005). A cell's
+  label is the majority of the label pixels it covers (ignored pixels a class
+  of their own), and ignored when that majority holds less than
+  `fd_min_ratio` (0.75) of them (DAFormer's `downscale_label_ratio`). The
+  average is over the global batch; with no such cell the term is 0. Without
+  backbone weights the copy would be random: FD is off, with a log line.
+
+The frozen encoder is the state 'imnet' ({'params': the encoder's}),
+checkpointed with the others; it is set from the student at step 0, after
+the backbone weights are loaded. The segmenter must have a pretrained encoder
+with an `encode` method (the MiT segmenters). DAFormer's other parts are
+elsewhere: rare-class sampling in the input pipeline (`data.rcs`), AdamW with
+warm-up, 10x head learning rate and no decay on norms in `optim.seg`, the MiT
+segmenters in `segjax.models.segformer` (configs/daformer.py sets them all).
+"""
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from segjax import data, models
+from segjax.methods import self_training
+from segjax.models import weights
+
+CITYSCAPES_THINGS = ("traffic light", "traffic sign", "person", "rider", "car", "truck", "bus",
+                     "train", "motorcycle", "bicycle")
+
+
+def pooled_labels(labels: jax.Array, grid: tuple[int, int], num_classes: int,
+                  min_ratio: float) -> jax.Array:
+  """(N, h, w) labels of a feature grid: each cell's majority label, or -1 (ignored).
+
+  Cell (i, j) covers the label pixels [i*s, (i+1)*s) x [j*t, (j+1)*t) with s, t
+  the label size over the grid rounded up (exact for DAFormer's 512 / 16);
+  pixels past the image count as ignored. A cell whose majority holds less
+  than `min_ratio` of its pixels, or whose majority is the ignored pixels, is
+  ignored.
+  """
+  n, height, width = labels.shape
+  h, w = grid
+  s, t = -(-height // h), -(-width // w)
+  labels = jnp.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+  labels = jnp.pad(labels, ((0, 0), (0, h * s - height), (0, w * t - width)),
+                   constant_values=num_classes)
+  onehot = jax.nn.one_hot(labels, num_classes + 1, dtype=jnp.float32)
+  ratios = onehot.reshape(n, h, s, w, t, num_classes + 1).mean(axis=(2, 4))
+  majority, ratio = jnp.argmax(ratios, axis=-1), jnp.max(ratios, axis=-1)
+  return jnp.where((majority == num_classes) | (ratio < min_ratio), -1, majority)
+
+
+def feature_distance(student: jax.Array, frozen: jax.Array, mask: jax.Array):
+  """(sum, count) of the per-cell L2 distances between the two (N, h, w, C) maps over `mask`.
+
+  The square root's gradient is 0 where the distance is 0 (as PyTorch's
+  norm), not NaN: the copies are equal at the start.
+  """
+  squared = jnp.sum(jnp.square(student.astype(jnp.float32) - frozen.astype(jnp.float32)), -1)
+  positive = squared > 0
+  distance = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+  return jnp.sum(jnp.where(mask, distance, 0.0)), jnp.sum(mask)
+
+
+class DAFormer(self_training.SelfTraining):
+  """DACS self-training with DAFormer's feature distance: see the module docstring."""
+  adapt_fields = {
+      **self_training.SelfTraining.adapt_fields,
+      "st_ignore_top": 15 / 512,
+      "st_ignore_bottom": 120 / 512,
+      "fd_lambda": 0.005,  # 0: no feature distance.
+      "fd_classes": CITYSCAPES_THINGS,  # Class names; those the dataset lacks are left out.
+      "fd_min_ratio": 0.75,
+  }
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+    super().__init__(config, num_classes)
+    adapt = self.adapt
+    if adapt.fd_lambda < 0:
+      raise ValueError(f"adapt.fd_lambda={adapt.fd_lambda} must be >= 0.")
+    if not 0.0 <= adapt.fd_min_ratio <= 1.0:
+      raise ValueError(f"adapt.fd_min_ratio={adapt.fd_min_ratio} must be in [0, 1].")
+    names = data.dataset_info(config.data.source, "data.source").class_names
+    self.fd_classes = tuple(names.index(c) for c in adapt.fd_classes if c in names)
+    self.fd_lambda = adapt.fd_lambda
+    if self.fd_lambda and not config.model.backbone_weights:
+      logging.info("ImageNet feature distance off: model.backbone_weights is not set, so the "
+                   "frozen encoder would be a random one.")
+      self.fd_lambda = 0.0
+    if self.fd_lambda and not hasattr(models.segmenter_class(config.model.name), "encode"):
+      raise ValueError(f"adapt.fd_lambda={adapt.fd_lambda}: the feature distance needs a "
+                       f"segmenter with a pretrained encoder (encode()); model.name="
+                       f"{config.model.name!r} has none. Use a MiT segmenter "
+                       f"(daformer_mitb5, ...) or set adapt.fd_lambda=0.")
+    if self.fd_lambda and not self.fd_classes:
+      raise ValueError(f"adapt.fd_classes={tuple(adapt.fd_classes)}: none is a class of "
+                       f"data.source ({', '.join(names)}).")
+
+  def state_inits(self, rng, seg_init):
+    inits = super().state_inits(rng, seg_init)
+    if self.fd_lambda:
+      inits["imnet"] = lambda: {"params": seg_init().params[weights.BACKBONE]}
+    return inits
+
+  def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
+    if self.fd_lambda:  # The frozen encoder starts as the student's, backbone weights loaded.
+      seg = states["seg"]
+      imnet = jax.tree.map(lambda frozen, student: jnp.where(seg.step == 0, student, frozen),
+                           states["imnet"], {"params": seg.params[weights.BACKBONE]})
+      states = dict(states, imnet=imnet)
+    return super().step(states, batch, rng, axis_name=axis_name)
+
+  def source_terms(self, states: dict, src: dict, src_out: dict, axis_name: str):
+    """The feature distance of the student's source pass (`loss_fd`)."""
+    if not self.fd_lambda:
+      return 0.0, {}
+    frozen = jax.lax.stop_gradient(states["seg"].apply_fn(
+        {"params": {weights.BACKBONE: states["imnet"]["params"]}},
+        self.preprocess(src["image"]), method="encode")[-1])
+    student = src_out["features"]
+    cells = pooled_labels(src["label"], student.shape[1:3], self.num_classes,
+                          self.adapt.fd_min_ratio)
+    total, count = feature_distance(student, frozen, jnp.isin(cells, jnp.asarray(self.fd_classes)))
+    total, count = jax.lax.psum(total, axis_name), jax.lax.psum(count, axis_name)
+    loss_fd = self.fd_lambda * total / jnp.maximum(count, 1)
+    return loss_fd, {"loss_fd": loss_fd}
