@@ -11,6 +11,7 @@ script, not with segjax's code).
 import functools
 import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +64,17 @@ def test_encoder_parameter_counts_are_the_published_ones(size):
 
 # --- Hugging Face reference ---------------------------------------------------------------------
 
+def _transformers():
+  # transformers' models import torch._dynamo, which imports triton when it is installed (the
+  # CUDA wheels of torch bring it); loading triton into a process that has loaded TensorFlow
+  # (CLU's writers import it) is a segmentation fault. None in sys.modules makes
+  # `import triton` an ImportError, which torch takes as "no triton".
+  sys.modules.setdefault("triton", None)
+  return needs.package("transformers", "the MiT reference is transformers' SegformerModel")
+
+
 def _hf_config(size: str):
-  transformers = needs.package("transformers", "the MiT reference is transformers' SegformerModel")
+  transformers = _transformers()
   widths, depths = mit.SIZES[size]
   return transformers.SegformerConfig(hidden_sizes=list(widths), depths=list(depths),
                                       decoder_hidden_size=256 if size == "mit_b0" else 768)
@@ -72,7 +82,7 @@ def _hf_config(size: str):
 
 def _hf_model(size: str, seed: int = 0):
   torch = needs.package("torch", "the MiT reference runs in PyTorch")
-  transformers = needs.package("transformers", "the MiT reference is transformers' SegformerModel")
+  transformers = _transformers()
   torch.manual_seed(seed)
   model = transformers.SegformerModel(_hf_config(size)).eval()
   with torch.no_grad():  # Random LayerNorm affines and biases, so that a swapped one shows.
@@ -189,7 +199,7 @@ def test_each_stage_equals_hugging_face_segformer_with_the_same_weights(layout, 
 
 def test_a_segformer_for_semantic_segmentation_file_loads_its_encoder(tmp_path):
   """The Hub's SegformerFor... files nest the encoder under 'segformer.'; the rest is reported."""
-  transformers = needs.package("transformers", "the MiT reference is transformers' SegformerModel")
+  transformers = _transformers()
   needs.package("torch", "the MiT reference runs in PyTorch")
   full = transformers.SegformerForSemanticSegmentation(_hf_config("mit_b0"))
   state = _hub_state(full, tmp_path / "full")

@@ -32,6 +32,8 @@ def test_summary_reports_both_networks_of_an_adversarial_config():
   assert records[1]["params"] == 2_781_121  # AdaptSegNet's FCD with 19 classes.
   for r in records:
     assert 0 < r["forward_flops"] < r["train_flops"] and r["latency_s"] > 0
+    # At least the parameters and their gradients (float32).
+    assert r["train_bytes"] >= 2 * 4 * r["params"]
   table = summary.format_table(records, 32, 64, 1, "float32")
   assert "2,781,121" in table and "disc: fcd" in table
 
@@ -42,4 +44,4 @@ def test_summary_command_runs():
        "--width=64", "--repeats=1"], cwd=e2e.REPO_ROOT, env=e2e.env(1, ""), capture_output=True,
       text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "model: compact" in proc.stdout and "fwd GFLOPs" in proc.stdout
+  assert "model: compact" in proc.stdout and "train MiB" in proc.stdout

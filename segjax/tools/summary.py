@@ -6,9 +6,12 @@
 For the segmenter (and the discriminator of an adversarial method) it prints
 the parameter count, the FLOPs of one forward pass from XLA's cost analysis
 of the compiled program (a multiply-add counts as 2 FLOPs, and taps that fall
-on zero padding are not counted; `thop` reports MACs, about half of that), the FLOPs of one training step of the segmenter
-(forward, backward, update), and the median forward latency on this machine
-in the config's `model.dtype`. The JAX answer to the seeds' `thop` numbers.
+on zero padding are not counted; `thop` reports MACs, about half of that),
+the FLOPs and memory (XLA's memory analysis: arguments, outputs and
+temporaries) of the segmenter's gradient on a batch, and the median forward
+latency on this machine in the config's `model.dtype`. The JAX answer to the
+seeds' `thop` numbers; `--config.model.remat=True` (MiT) and
+`--config.model.dtype=bfloat16` show what they save.
 """
 
 import statistics
@@ -34,10 +37,20 @@ flags.mark_flags_as_required(["config"])
 
 def compiled_flops(fn, *args) -> float:
   """FLOPs of `fn(*args)` according to XLA's cost analysis of the compiled program."""
-  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return compiled_costs(fn, *args)[0]
+
+
+def compiled_costs(fn, *args) -> tuple[float, int]:
+  """(FLOPs, bytes) of the compiled `fn(*args)`: XLA's cost analysis, and its memory analysis
+  (arguments, outputs and temporaries, less the outputs that alias arguments)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  analysis = compiled.cost_analysis()
   if isinstance(analysis, list):  # Older jax returned one dict per device program.
     analysis = analysis[0]
-  return float(analysis.get("flops", float("nan")))
+  memory = compiled.memory_analysis()
+  used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else -1
+  return float(analysis.get("flops", float("nan"))), int(used)
 
 
 def median_latency(fn, args, repeats: int) -> float:
@@ -74,21 +87,23 @@ def summarize(config, height: int, width: int, batch: int, num_classes: int,
     heads = (outputs["logits"], *outputs["aux"])
     return sum(losses.global_mean(*seg_loss(h, labels), None) for h in heads)
 
+  train_flops, train_bytes = compiled_costs(jax.grad(train_loss), params, stats, images)
   records = [{
       "network": f"model: {config.model.name}", "params": count(params),
       "forward_flops": compiled_flops(forward, params, stats, images),
-      "train_flops": compiled_flops(jax.grad(train_loss), params, stats, images),
+      "train_flops": train_flops, "train_bytes": train_bytes,
       "latency_s": median_latency(forward, (params, stats, images), repeats)}]
   if getattr(methods.build(config, num_classes), "disc_names", None):
     disc = models.build_discriminator(config.disc, num_classes)
     probs = jnp.zeros((batch, height, width, num_classes), jnp.float32)
     disc_params = jax.jit(lambda: disc.init(jax.random.key(0), probs[:1]))()["params"]
     disc_forward = lambda p, x: disc.apply({"params": p}, x)
+    disc_flops, disc_bytes = compiled_costs(
+        jax.grad(lambda p, x: jnp.mean(disc_forward(p, x))), disc_params, probs)
     records.append({
         "network": f"disc: {config.disc.name}", "params": count(disc_params),
         "forward_flops": compiled_flops(disc_forward, disc_params, probs),
-        "train_flops": compiled_flops(
-            jax.grad(lambda p, x: jnp.mean(disc_forward(p, x))), disc_params, probs),
+        "train_flops": disc_flops, "train_bytes": disc_bytes,
         "latency_s": median_latency(disc_forward, (disc_params, probs), repeats)})
   return records
 
@@ -97,12 +112,15 @@ def format_table(records: list[dict], height: int, width: int, batch: int, dtype
   lines = [f"Input {batch}x{height}x{width}x3, compute dtype {dtype}, "
            f"{jax.devices()[0].platform.upper()} ({jax.device_count()} device(s))",
            f"{'network':32s} {'params':>14s} {'fwd GFLOPs':>11s} {'train GFLOPs':>13s} "
-           f"{'fwd ms':>9s}"]
+           f"{'train MiB':>10s} {'fwd ms':>9s}"]
   for r in records:
     lines.append(f"{r['network']:32s} {r['params']:>14,d} {r['forward_flops'] / 1e9:>11.2f} "
-                 f"{r['train_flops'] / 1e9:>13.2f} {r['latency_s'] * 1e3:>9.1f}")
+                 f"{r['train_flops'] / 1e9:>13.2f} {r['train_bytes'] / 2 ** 20:>10.1f} "
+                 f"{r['latency_s'] * 1e3:>9.1f}")
   lines.append("FLOPs from XLA's cost analysis (multiply-add = 2 FLOPs; thop's MACs are half); "
-               "train = forward + backward of the segmentation loss.")
+               "train = forward + backward of the segmentation loss; train MiB: XLA's memory "
+               "analysis of that program compiled for this backend (parameters, gradients and "
+               "activations kept for the backward pass; no optimizer state).")
   return "\n".join(lines)
 
 
