@@ -69,7 +69,7 @@ def test_unknown_model_name_is_a_clear_error(tmp_path):
   config.model.name = "resnet9000"
   with pytest.raises(ValueError, match=r"Unknown model name 'resnet9000' \(config field "
                                        r"model.name\); expected one of \['bisenet_r101', 'bisenet_r18', "
-                                       r"'compact', 'deeplabv2_r101'"):
+                                       r"'compact', 'daformer_mitb0'"):
     train.train_and_evaluate(config, str(tmp_path))
 
 

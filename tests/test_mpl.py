@@ -234,6 +234,7 @@ def one_device_run():
     return (initial, step, *_run(step, mesh, initial))
 
 
+@pytest.mark.slow  # 115 s with its 1-device run (compiled as users compile): slow_tests.py.
 def test_mpl_step_on_8_devices_equals_1_device(one_device_run):
   initial, _, states1, metrics1 = one_device_run
   mesh = _mesh(8)

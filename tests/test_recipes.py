@@ -40,9 +40,10 @@ CONFIGS = (
 
 
 # Over 90 s each on CI's 2 cores: benchmarks/slow_tests.py runs them. FCN-8s stays in CI with
-# the VOC recipe; UNet's blocks with unet_small (tests/test_models.py).
+# the VOC recipe; UNet's blocks with unet_small (tests/test_models.py); BiSeNet-R18 trains in CI
+# in tests/test_bisenet_deeplab.py and the speed benchmark's tiny run.
 SLOW_CONFIGS = ("deeplabv3plus_cityscapes", "deeplabv2_gta5_cityscapes", "fcn8s_kitti_road",
-                "unet_cityscapes")
+                "unet_cityscapes", "bisenet_gta5_cityscapes")
 
 
 @pytest.mark.parametrize("name, model", [
