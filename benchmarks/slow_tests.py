@@ -3,11 +3,13 @@
   python benchmarks/slow_tests.py
 
 Runs `pytest -m slow` on the 8 fake CPU devices of the test suite and prints
-each test's outcome and duration: the R101 paper configs end to end, the
-AdaptSegNet variants' data-parallel equivalence, BiSeNet-R101 at an odd size,
-per-device BatchNorm, the pseudo-label step without labelled pixels or without
-a discriminator, MPL without discriminators. Unlike CI's run, XLA's
-optimisations stay on (tests/conftest.py), as in users' runs.
+each test's outcome and duration: the R101, UNet, KITTI Road and BiSeNet
+paper configs end to end, the AdaptSegNet variants', MPL's and DAFormer's
+data-parallel equivalence, BiSeNet-R101, FCN-16s/32s and the MiT segmenters
+trained at an odd size, per-device BatchNorm, the pseudo-label step without
+labelled pixels or without a discriminator, MPL without discriminators.
+Unlike CI's run, XLA's optimisations stay on (tests/conftest.py), as in
+users' runs.
 """
 
 import os

@@ -164,9 +164,10 @@ def test_daformer_step_on_8_devices_equals_1_device_with_the_feature_distance(tm
     for key in m1:
       np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=key)
   # AdamW's first updates are about lr * sign(gradient): a weight whose gradient is a
-  # cancellation at rounding size moves by +-lr either way (5 of 262,144 entries of one kernel,
-  # by 5e-6, measured). lr is 4e-6 at step 2 (warm-up): 1e-5 is 2.5 of them.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+  # cancellation at rounding size moves by +-lr either way (measured: 5 of 262,144 entries of an
+  # encoder kernel 5e-6 apart in one run, 1 of a head kernel's 8,192 4.8e-5 apart in another).
+  # At step 2 the encoder's lr is 4e-6 (warm-up), the head's 4e-5: 1e-4 is 2.5 head steps.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                states8["seg"].params, states1["seg"].params)
 
 

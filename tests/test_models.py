@@ -49,11 +49,12 @@ def test_every_registered_segmenter_is_trained_by_a_test():
 
 
 @pytest.mark.parametrize("name", [
-    # 30-100 s each: benchmarks/slow_tests.py. FCN-8s, the same VGG16 with one more skip, trains
-    # in CI through tests/test_recipes.py; the MiT segmenters' outputs at an odd size are checked
-    # in CI by tests/test_mit.py, their training step by tests/test_daformer.py's slow test.
+    # 30-100 s each: benchmarks/slow_tests.py. FCN-16s (VGG16 and the pool4 skip) stands for
+    # FCN-8s and FCN-32s in CI, whose paper recipes run with the slow tests; the MiT segmenters'
+    # outputs at an odd size are checked in CI by tests/test_mit.py, their training step by
+    # tests/test_daformer.py's slow test.
     pytest.param(n, marks=pytest.mark.slow)
-    if n in ("bisenet_r101", "fcn16s_vgg16", "fcn32s_vgg16") or "_mitb" in n
+    if n in ("bisenet_r101", "fcn32s_vgg16") or "_mitb" in n
     else n
     for n in sorted(set(models.SEGMENTERS) - TRAINED_BY_RECIPES)])
 def test_segmenter_trains_at_an_odd_input_size(name):
