@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
       warmup_steps=0, warmup_ratio=1e-6,  # Linear warm-up of the schedule from ratio x lr.
       no_decay=()))  # AdamW: parameters whose path contains one of these names do not decay.
   config.optim.disc = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.99, power=0.9))
+  # The segmenter's gradient in this many micro-batches of each device's batch, one after
+  # another (segjax.accumulate): the memory of a smaller batch, the update of the whole one.
+  config.optim.accumulate_steps = 1
   # mpl's teacher: its own optimizer, the same fields as optim.seg.
   config.optim.teacher = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.01, momentum=0.9, b1=0.9, b2=0.999, weight_decay=5e-4, power=0.9,

@@ -8,8 +8,13 @@ gives the same result on any number of devices and processes. Outside
 `shard_map` (one device, no mesh axes) the local batch is the global batch.
 """
 
+import contextlib
+import threading
+
 import jax
 import jax.numpy as jnp
+
+_MICRO_BATCH = threading.local()
 
 
 def data_axes() -> tuple[str, ...]:
@@ -18,11 +23,25 @@ def data_axes() -> tuple[str, ...]:
   return tuple(axis for axis in mesh.axis_names if axis in mesh.manual_axes)
 
 
+@contextlib.contextmanager
+def micro_batch(local_size: int, offset: jax.Array | int):
+  """Code inside sees one micro-batch of this device's `local_size` examples, starting at
+  example `offset` (`segjax.accumulate`): `example_index` gives their global indices."""
+  previous = getattr(_MICRO_BATCH, "value", None)
+  _MICRO_BATCH.value = (local_size, offset)
+  try:
+    yield
+  finally:
+    _MICRO_BATCH.value = previous
+
+
 def example_index(local_size: int) -> jax.Array:
-  """The global batch indices (local_size,) int32 of this device's examples, in order."""
+  """The global batch indices (local_size,) int32 of this device's examples, in order (inside
+  `micro_batch`, of the micro-batch's examples)."""
   axes = data_axes()
-  offset = jax.lax.axis_index(axes) * local_size if axes else 0
-  return offset + jnp.arange(local_size, dtype=jnp.int32)
+  device_size, offset = getattr(_MICRO_BATCH, "value", None) or (local_size, 0)
+  start = jax.lax.axis_index(axes) * device_size if axes else 0
+  return start + offset + jnp.arange(local_size, dtype=jnp.int32)
 
 
 def example_keys(key: jax.Array, local_size: int) -> jax.Array:

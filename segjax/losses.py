@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from segjax import global_batch
+from segjax import accumulate, global_batch
 
 IGNORE_LABEL = 255
 
@@ -28,7 +28,7 @@ def global_mean(total: jax.Array, count: jax.Array, axis_name: str | None) -> ja
   if axis_name is not None:
     total = jax.lax.psum(total, axis_name)
     count = jax.lax.psum(count, axis_name)
-  return total / jnp.maximum(count, 1)
+  return accumulate.normalise(total, count)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, *,

@@ -31,7 +31,8 @@ OWN_FLAGS = {
     "segjax.tools.score_pseudo_labels": ("labels", "out"),
     "segjax.tools.self_training_rounds": ("config", "workdir", "init_from", "rounds",
                                           "steps_per_round", "checkpoint"),
-    "segjax.tools.summary": ("config", "height", "width", "batch", "num_classes", "repeats"),
+    "segjax.tools.summary": ("config", "height", "width", "batch", "num_classes", "repeats",
+                             "step"),
 }
 
 

@@ -316,14 +316,18 @@ def _save(states: dict, workdir, step: int = 2) -> str:
   return str(workdir)
 
 
-@pytest.mark.parametrize("method, state", [("mpl", "teacher"), ("self_training", "ema")])
+@pytest.mark.parametrize("method, state", [("mpl", "teacher"), ("self_training", "ema"),
+                                           ("daformer", "ema")])
 def test_evaluate_reads_the_teacher_with_state(method, state, tmp_path):
-  """segjax.evaluate --state=teacher (MPL) or --state=ema (DACS's EMA teacher, a plain dict)
-  restores that state's variables as the segmenter; a state without the segmenter's model, or
-  one the method does not keep, is an error naming the method's states."""
-  config, mesh = uda_testing.override(_config(), {"adapt.method": method}), _mesh(1)
+  """segjax.evaluate --state=teacher (MPL) or --state=ema (DACS's and DAFormer's EMA teacher, a
+  plain dict) restores that state's variables as the segmenter; a state without the segmenter's
+  model, or one the method does not keep, is an error naming the method's states."""
+  overrides = {"adapt.method": method}
+  if method == "daformer":  # A MiT segmenter, with the frozen ImageNet encoder among the states.
+    overrides.update({"model.name": "daformer_mitb0", "model.backbone_weights": "mit_b0.pth"})
+  config, mesh = uda_testing.override(_config(), overrides), _mesh(1)
   states, _ = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
-  if method == "self_training":  # The EMA teacher starts as the student: make it differ.
+  if method in ("self_training", "daformer"):  # The EMA teacher starts as the student.
     states[state] = jax.tree.map(lambda x: x * 0.5, states[state])
   workdir = _save(states, tmp_path)
   for name in ("seg", state):
@@ -344,6 +348,11 @@ def test_evaluate_reads_the_teacher_with_state(method, state, tmp_path):
     with pytest.raises(checkpointing.CheckpointError,
                        match=r"--state='disc': .* not a segmenter of config.model \(compact\)"):
       evaluate.restore_segmenter(config, workdir, "latest", mesh, "disc")
+  if method == "daformer":
+    assert set(states) == {"seg", "ema", "imnet"}
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"--state='imnet': .* not a segmenter of config.model"):
+      evaluate.restore_segmenter(config, workdir, "latest", mesh, "imnet")
   with pytest.raises(checkpointing.CheckpointError,
                      match=rf"--state='student': adapt.method '{method}' keeps the states"):
     evaluate.restore_segmenter(config, workdir, "latest", mesh, "student")

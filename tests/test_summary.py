@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 
 import e2e
+import uda_testing
 from configs import adapt
+from configs import test as test_config
 from segjax.tools import summary
 
 
@@ -45,3 +47,21 @@ def test_summary_command_runs():
       text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "model: compact" in proc.stdout and "train MiB" in proc.stdout
+
+
+def test_step_costs_count_the_whole_step_and_accumulation_saves_its_activations():
+  """--step: the method's whole training step (DACS: the student on source and mixed images,
+  the teacher's pass, optimizer and EMA states); accumulation keeps the FLOPs (counted without
+  it) and lowers the memory."""
+  config = uda_testing.override(test_config.get_config(), {"adapt.method": "self_training"})
+  records = summary.summarize(config, 64, 128, batch=8, num_classes=8, repeats=1)
+  whole = summary.step_costs(config, 64, 128, batch=8, num_classes=8)
+  assert whole["method"] == "self_training"
+  # Two student passes with their gradient and a teacher pass: above one gradient on 8 images.
+  assert whole["step_flops"] > 1.5 * records[0]["train_flops"]
+  assert whole["step_bytes"] > 4 * 4 * records[0]["params"]  # Params, Adam's moments, the EMA.
+  config.optim.accumulate_steps = 4
+  micro = summary.step_costs(config, 64, 128, batch=8, num_classes=8)
+  assert micro["step_flops"] == whole["step_flops"]
+  assert micro["step_bytes"] < 0.6 * whole["step_bytes"], (micro, whole)
+  assert "optim.accumulate_steps 4" in summary.format_step(micro, 64, 128, 8, config)

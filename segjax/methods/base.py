@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from segjax import losses, methods, models, optim, parallel, steps
+from segjax import accumulate, losses, methods, models, optim, parallel, steps
 
 
 class Method:
@@ -19,6 +19,8 @@ class Method:
   pretrained_states: tuple[str, ...] = ("seg",)
   # The fields of config.adapt the method reads, with their defaults (segjax.methods).
   adapt_fields: dict[str, Any] = {}
+  # Whether the step computes the segmenter's gradient in optim.accumulate_steps micro-batches.
+  accumulates: bool = False
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
     self.config = config
@@ -28,6 +30,8 @@ class Method:
     self.aux_weights = tuple(config.loss.aux_weights)
     self.mean, self.std = tuple(config.data.mean), tuple(config.data.std)
     self.seg_tx, self.seg_lr = optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
+    self.accumulate_steps = config.optim.get("accumulate_steps", 1)
+    check_accumulation(config, type(self))
 
   # ---- States.
 
@@ -62,6 +66,11 @@ class Method:
 
   # ---- Pieces of steps.
 
+  def value_and_grad(self, loss_fn: accumulate.LossFn, params, inputs, carry):
+    """((loss, (carry, parts)), grads) of `loss_fn(params, inputs, carry)` over this device's
+    batch, in `optim.accumulate_steps` micro-batches (`segjax.accumulate`)."""
+    return accumulate.value_and_grad(loss_fn, params, inputs, carry, self.accumulate_steps)
+
   def preprocess(self, images: jax.Array) -> jax.Array:
     return steps.preprocess(images, self.mean, self.std)
 
@@ -86,6 +95,26 @@ class Method:
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     """One training iteration: (new states, scalar metrics). Every method defines its own."""
     raise NotImplementedError(f"{type(self).__name__} defines no step.")
+
+
+def check_accumulation(config: ml_collections.ConfigDict, method_class: type) -> None:
+  """optim.accumulate_steps: a positive integer, for a method and loss that accumulate exactly."""
+  steps_ = config.optim.get("accumulate_steps", 1)
+  if isinstance(steps_, bool) or not isinstance(steps_, int) or steps_ < 1:
+    raise ValueError(f"optim.accumulate_steps={steps_!r} must be a positive integer (1: none).")
+  if steps_ == 1:
+    return
+  if not method_class.accumulates:
+    able = sorted(name for name in methods.METHODS if methods.method_class(name).accumulates)
+    raise ValueError(f"optim.accumulate_steps={steps_}: adapt.method={config.adapt.method!r} "
+                     f"does not accumulate gradients; the methods that do: {', '.join(able)}.")
+  if config.loss.name == "ohem":
+    raise ValueError(f"optim.accumulate_steps={steps_} with loss.name='ohem': OHEM keeps the "
+                     f"hardest pixels of the whole batch, which micro-batches cannot count; use "
+                     f"another loss or optim.accumulate_steps=1.")
+  if config.batch_size % steps_:
+    raise ValueError(f"optim.accumulate_steps={steps_} must divide batch_size="
+                     f"{config.batch_size} (and each device's share of it).")
 
 
 def build_segmenter(config: ml_collections.ConfigDict, num_classes: int):

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segjax import data, models
+from segjax import data, losses, models
 from segjax.methods import self_training
 from segjax.models import weights
 
@@ -134,6 +134,5 @@ class DAFormer(self_training.SelfTraining):
     cells = pooled_labels(src["label"], student.shape[1:3], self.num_classes,
                           self.adapt.fd_min_ratio)
     total, count = feature_distance(student, frozen, jnp.isin(cells, jnp.asarray(self.fd_classes)))
-    total, count = jax.lax.psum(total, axis_name), jax.lax.psum(count, axis_name)
-    loss_fd = self.fd_lambda * total / jnp.maximum(count, 1)
+    loss_fd = self.fd_lambda * losses.global_mean(total, count, axis_name)
     return loss_fd, {"loss_fd": loss_fd}

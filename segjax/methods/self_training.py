@@ -112,6 +112,7 @@ class SelfTraining(base.Method):
       "st_jitter_p": 0.2,
       "st_blur": True,
   }
+  accumulates = True
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
     super().__init__(config, num_classes)
@@ -187,22 +188,24 @@ class SelfTraining(base.Method):
     mixed_labels = jnp.where(masks, src["label"], pseudo)
     mixed_weights = jnp.where(masks, 1.0, weights)
 
-    # 4. The student.
-    def loss_fn(params):
-      src_out, stats = base.segment(seg, params, seg.batch_stats, self.preprocess(src["image"]),
+    # 4. The student (in optim.accumulate_steps micro-batches).
+    def loss_fn(params, inputs, stats):
+      src_out, stats = base.segment(seg, params, stats, self.preprocess(inputs["source"]["image"]),
                                     src_rng)
-      loss, parts = self.source_loss(src_out, src["label"], axis_name)
-      extra, extra_parts = self.source_terms(states, src, src_out, axis_name)
+      loss, parts = self.source_loss(src_out, inputs["source"]["label"], axis_name)
+      extra, extra_parts = self.source_terms(states, inputs["source"], src_out, axis_name)
       loss, parts = loss + extra, dict(parts, **extra_parts)
       mix_out, stats = base.segment(seg, params, stats,
-                                    steps.preprocess(mixed_images, self.mean, self.std), mix_rng)
+                                    steps.preprocess(inputs["image"], self.mean, self.std),
+                                    mix_rng)
       loss_mix = base.global_mean(
-          losses.weighted_cross_entropy(mix_out["logits"], mixed_labels, mixed_weights),
+          losses.weighted_cross_entropy(mix_out["logits"], inputs["label"], inputs["weight"]),
           axis_name)
       parts["loss_mix"] = loss_mix
       return loss + loss_mix, (stats, parts)
 
-    grads, (stats, parts) = jax.grad(loss_fn, has_aux=True)(seg.params)
+    mixed = {"source": src, "image": mixed_images, "label": mixed_labels, "weight": mixed_weights}
+    (_, (stats, parts)), grads = self.value_and_grad(loss_fn, seg.params, mixed, seg.batch_stats)
     new_seg = base.apply_seg_gradients(seg, grads, stats, axis_name)
 
     # 5. The teacher follows the updated student.

@@ -12,8 +12,23 @@ temporaries) of the segmenter's gradient on a batch, and the median forward
 latency on this machine in the config's `model.dtype`. The JAX answer to the
 seeds' `thop` numbers; `--config.model.remat=True` (MiT) and
 `--config.model.dtype=bfloat16` show what they save.
+
+With `--step`, also the config's whole training step as `segjax.main` compiles
+it on one device, at `--batch` source (+ target) images of the given size:
+every state the method keeps (optimizer moments, EMA teacher, frozen
+encoder...), every network pass of the step and `optim.accumulate_steps`.
+Its memory is XLA's memory analysis of that program for this backend, less
+the donated states it updates in place: the figure to set against a GPU's
+memory (the GPU backend's own scheduling differs somewhat). For example,
+DAFormer's published step (MiT-B5, 512x512, 2 + 2 images; the feature
+distance is on when `model.backbone_weights` is set, which is not read here):
+
+  python -m segjax.tools.summary --config=configs/daformer.py --step \
+      --config.model.name=daformer_mitb5 --config.model.backbone_weights=mit_b5.pth \
+      --height=512 --width=512 --batch=2 --repeats=1
 """
 
+import functools
 import statistics
 import time
 
@@ -23,7 +38,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from segjax import cli, errors, losses, methods, models
+from jax.sharding import Mesh, PartitionSpec as P
+
+from segjax import cli, errors, losses, methods, models, parallel
+from segjax import states as states_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
@@ -32,6 +50,7 @@ flags.DEFINE_integer("width", None, "Input width (default: the config's data.cro
 flags.DEFINE_integer("batch", 1, "Images per forward pass.")
 flags.DEFINE_integer("num_classes", 19, "Output classes (19: Cityscapes' train ids).")
 flags.DEFINE_integer("repeats", 10, "Timed forward passes (after 2 warm-ups).")
+flags.DEFINE_bool("step", False, "Also the whole training step's FLOPs and memory.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -108,6 +127,48 @@ def summarize(config, height: int, width: int, batch: int, num_classes: int,
   return records
 
 
+def step_costs(config, height: int, width: int, batch: int, num_classes: int) -> dict:
+  """FLOPs and bytes (see `compiled_costs`) of the config's training step, compiled as
+  `segjax.train` does on one device, for `batch` images of height x width per domain."""
+  config = config.copy_and_resolve_references()
+  config.data.crop_size = (height, width)
+  config.batch_size = batch
+  mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  method = methods.build(config, num_classes)
+  seg_rng, other_rng = jax.random.split(jax.random.key(0))
+  init_seg, _ = states_lib.segmenter_init(config, seg_rng, num_classes)
+  states = {name: states_lib.abstract_replicated(init, mesh)
+            for name, init in method.state_inits(other_rng, init_seg).items()}
+  sharding = parallel.batch_sharded(mesh)
+  spec = lambda *shape: jax.ShapeDtypeStruct((batch, height, width, *shape), jnp.uint8,
+                                             sharding=sharding)
+  domain = lambda labels: {"image": spec(3), **({"label": spec()} if labels else {})}
+  batch_spec = {"source": domain(True)}
+  if method.uses_target:
+    batch_spec["target"] = domain(method.target_labels)
+  train_step = parallel.data_parallel(
+      functools.partial(method.step, axis_name=parallel.DATA_AXIS), mesh,
+      in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
+  flops, used = compiled_costs(train_step, states, batch_spec, rng)
+  if config.optim.get("accumulate_steps", 1) > 1:
+    # XLA's cost analysis counts a loop's body once: the FLOPs are those of the whole batch
+    # in one pass, which accumulation computes too.
+    config.optim.accumulate_steps = 1
+    flops = step_costs(config, height, width, batch, num_classes)["step_flops"]
+  return {"method": config.adapt.method, "step_flops": flops, "step_bytes": used}
+
+
+def format_step(record: dict, height: int, width: int, batch: int, config) -> str:
+  both = f"{batch} + {batch}" if record["method"] != "source_only" else f"{batch}"
+  return (f"Training step of adapt.method={record['method']} ({both} images of {height}x{width}, "
+          f"model.dtype {config.model.dtype}, model.remat {config.model.get('remat', False)}, "
+          f"optim.accumulate_steps {config.optim.get('accumulate_steps', 1)}): "
+          f"{record['step_flops'] / 1e9:.1f} GFLOPs, {record['step_bytes'] / 2 ** 30:.2f} GiB "
+          f"(XLA's memory analysis on {jax.devices()[0].platform.upper()}: states, batch, "
+          f"temporaries; the updated states reuse their buffers)")
+
+
 def format_table(records: list[dict], height: int, width: int, batch: int, dtype: str) -> str:
   lines = [f"Input {batch}x{height}x{width}x3, compute dtype {dtype}, "
            f"{jax.devices()[0].platform.upper()} ({jax.device_count()} device(s))",
@@ -134,6 +195,9 @@ def main(argv):
   width = FLAGS.width or config.data.crop_size[1]
   records = summarize(config, height, width, FLAGS.batch, FLAGS.num_classes, FLAGS.repeats)
   print(format_table(records, height, width, FLAGS.batch, config.model.dtype))
+  if FLAGS.step:
+    print(format_step(step_costs(config, height, width, FLAGS.batch, FLAGS.num_classes),
+                      height, width, FLAGS.batch, config))
 
 
 if __name__ == "__main__":
