@@ -3,6 +3,9 @@
   python -m segjax.main --config=configs/daformer.py --workdir=runs/daformer
   python -m segjax.main --config=configs/daformer.py:gta5=ROOT,cityscapes=ROOT \
       --config.model.backbone_weights=mit_b5.pth --workdir=runs/daformer_gta5
+  # DAFormer + MIC (masked image consistency: 64x64 blocks, 70% masked, weight 1):
+  python -m segjax.main --config=configs/daformer.py:gta5=ROOT,cityscapes=ROOT \
+      --config.model.backbone_weights=mit_b5.pth --config.adapt.mic=True --workdir=runs/mic
 
 With roots (gta5= or synthia=, and cityscapes=): the published recipe
 (`gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py`): MiT-B5 with
@@ -35,7 +38,8 @@ scratch (no ImageNet weights, so no feature distance), AdamW at 6e-4 (10x
 the published lr, which is for pretrained encoders) over 1,500 steps with a
 150-step warm-up, rare-class sampling with images over 30 pixels of a class
 (3,000 of 1280x720 scaled to 64x128); the other settings as above, the
-row-crop fractions too.
+row-crop fractions too; MIC's blocks (with `adapt.mic=True`) are 8 pixels,
+its 64 of 512 scaled to the 64-row crops.
 """
 
 from configs import adapt, recipes
@@ -64,6 +68,7 @@ def get_config(arg: str | None = None):
     config.model = recipes.base("daformer_mitb0").model
     _daformer_training(config, lr=6e-4, num_steps=1500, warmup_steps=150)
     config.data.rcs.min_pixels = 30  # 3,000 of 1280x720 pixels, scaled to the 64x128 scenes.
+    config.adapt.mic_block = 8  # MIC's 64 of 512 pixels, scaled to the 64-row crops.
     return config
   config = recipes.base("daformer_mitb5")
   config.batch_size = 2

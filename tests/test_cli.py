@@ -32,7 +32,7 @@ OWN_FLAGS = {
     "segjax.tools.self_training_rounds": ("config", "workdir", "init_from", "rounds",
                                           "steps_per_round", "checkpoint"),
     "segjax.tools.summary": ("config", "height", "width", "batch", "num_classes", "repeats",
-                             "step"),
+                             "step", "step_for"),
 }
 
 

@@ -198,3 +198,120 @@ def test_the_published_recipe():
   assert (seg.name, seg.lr, seg.b1, seg.b2, seg.weight_decay, seg.head_lr_mult, seg.power,
           seg.warmup_steps, seg.warmup_ratio) == ("adamw", 6e-5, 0.9, 0.999, 0.01, 10.0, 1.0,
                                                    1500, 1e-6)
+
+
+# ---- MIC: masked image consistency.
+
+def test_block_mask_has_the_block_size_and_ratio_asked_for():
+  masks = np.stack([np.asarray(daformer.block_mask(jax.random.key(i), 512, 512, 64, 0.7))
+                    for i in range(200)])
+  blocks = masks.reshape(200, 8, 64, 8, 64)
+  # Constant on each 64x64 block.
+  assert (blocks == blocks[:, :, :1, :, :1]).all()
+  kept = blocks[:, :, 0, :, 0].mean()  # 12,800 blocks: 0.3 +- 0.004 (one standard deviation).
+  assert 0.28 < kept < 0.32, kept
+  # A size that is not a multiple of the block: round(100 / 64) x round(150 / 64) = 2 x 2
+  # cells, scaled up by nearest neighbour (cell floor(i * 2 / 100): rows 0-49 and 50-99).
+  mask = np.asarray(daformer.block_mask(jax.random.key(3), 100, 150, 64, 0.5))
+  assert (mask[:50, :75] == mask[0, 0]).all() and (mask[50:, 75:] == mask[99, 149]).all()
+  assert (mask[:50, 75:] == mask[0, 149]).all() and (mask[50:, :75] == mask[99, 0]).all()
+  # A block larger than the image: one cell.
+  mask = np.asarray(daformer.block_mask(jax.random.key(4), 20, 30, 64, 0.5))
+  assert (mask == mask[0, 0]).all()
+
+
+def _mic_config():
+  from configs import test as test_config  # pylint: disable=import-outside-toplevel
+  config = daformer_config.get_config()
+  small = test_config.get_config()
+  config.model, config.data, config.batch_size = small.model, small.data, small.batch_size
+  config.model.dropout_rate = 0.0
+  config.adapt.update(mic=True, mic_block=8, st_threshold=0.2)
+  return config
+
+
+def test_mic_masks_are_keyed_by_the_global_example_index():
+  config = _mic_config()
+  method = methods.build(config, 8)
+  batch = uda_testing.random_batch(config, n=8)
+  images = jnp.asarray(batch["target"]["image"])
+  pseudo = jnp.zeros(images.shape[:3], jnp.int32)
+  weights = jnp.ones(images.shape[:3])
+
+  def inputs(num_devices):
+    mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
+
+    def per_device(key, images, pseudo, weights):
+      from segjax import global_batch  # pylint: disable=import-outside-toplevel
+      keys = global_batch.example_keys(key, images.shape[0])
+      return method.target_inputs(images, pseudo, weights, keys)
+    return jax.device_get(parallel.data_parallel(
+        per_device, mesh, in_specs=(P(), P("data"), P("data"), P("data")),
+        out_specs=P("data"))(jax.random.key(0), images, pseudo, weights))
+
+  one, eight = inputs(1), inputs(8)
+  np.testing.assert_array_equal(one["keep"], eight["keep"])
+  np.testing.assert_allclose(one["image"], eight["image"], atol=1e-4)  # Of 0-255.
+  assert np.abs(one["image"] - np.asarray(images, np.float32)).max() > 1  # Augmented.
+  assert not (one["keep"][0] == one["keep"][1]).all()  # Each example its own mask.
+  assert 0.1 < one["keep"].mean() < 0.5
+
+
+class _FixedMask(daformer.DAFormer):
+  """MIC with a fixed checkerboard of kept 8x8 blocks and no colour augmentation."""
+
+  def target_inputs(self, target_images, pseudo, weights, example_keys):
+    inputs = super().target_inputs(target_images, pseudo, weights, example_keys)
+    height, width = target_images.shape[1:3]
+    rows, cols = np.arange(height)[:, None] // 8, np.arange(width)[None, :] // 8
+    keep = jnp.asarray(np.broadcast_to((rows + cols) % 2 == 0, target_images.shape[:3]))
+    return dict(inputs, image=target_images.astype(jnp.float32), keep=keep)
+
+
+def test_the_mask_loss_learns_the_teachers_labels_of_the_unmasked_image():
+  """loss_mask = the confidence-weighted CE of the student on the masked target images (masked
+  pixels 0 after normalisation) against the teacher's pseudo labels of the whole images."""
+  config = _mic_config()
+  config.adapt.st_ignore_top = 0.25
+  config.model.sync_batch_stats = False  # One device; the model is applied outside shard_map.
+  method = _FixedMask(config, 8)
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  states, _ = states_lib.create_states(config, jax.random.key(0), 8, mesh)
+  batch = uda_testing.random_batch(config, n=config.batch_size, seed=5)
+  step = parallel.data_parallel(functools.partial(method.step, axis_name="data"), mesh,
+                                in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
+  seg = jax.device_get(states["seg"])
+  _, metrics = step(states, parallel.to_global(batch, mesh), jax.random.key(1))
+
+  variables = {"params": seg.params, "batch_stats": seg.batch_stats}
+  target = method.preprocess(jnp.asarray(batch["target"]["image"]))
+  teacher = seg.apply_fn(variables, target, train=False)["logits"]  # At step 0: the student.
+  probs = jax.nn.softmax(teacher, axis=-1)
+  pseudo, confidence = jnp.argmax(probs, -1), jnp.max(probs, -1)
+  weight = jnp.mean(confidence >= 0.2)
+  np.testing.assert_allclose(metrics["pseudo_weight"], weight, rtol=1e-6)
+  height, width = pseudo.shape[1:]
+  rows = np.arange(height)[None, :, None]
+  weights = jnp.where((rows >= height // 4) & (rows < height - round(120 / 512 * height)),
+                      weight, 0.0) * jnp.ones_like(confidence)
+  rows, cols = np.arange(height)[:, None] // 8, np.arange(width)[None, :] // 8
+  masked = target * ((rows + cols) % 2 == 0)[None, :, :, None]
+  student, _ = seg.apply_fn(variables, masked, train=True, mutable=["batch_stats"],
+                            rngs={"dropout": jax.random.key(0)})
+  ce = -jnp.take_along_axis(jax.nn.log_softmax(student["logits"], -1), pseudo[..., None], -1)
+  expected = jnp.sum(ce[..., 0] * weights) / ce.size
+  assert metrics["loss_mask"] > 0.1
+  np.testing.assert_allclose(metrics["loss_mask"], expected, rtol=1e-5)
+  # The same with the pseudo labels of the masked images is another number.
+  masked_teacher = jnp.argmax(seg.apply_fn(variables, masked, train=False)["logits"], -1)
+  assert (masked_teacher != pseudo).mean() > 0.05
+
+
+def test_mic_settings_are_checked():
+  for field, value, message in (("mic_ratio", 1.0, r"adapt.mic_ratio=1.0 must be in \[0, 1\)"),
+                                ("mic_block", 0, "adapt.mic_block=0 must be a positive"),
+                                ("mic_lambda", -1.0, "adapt.mic_lambda=-1.0 must be >= 0")):
+    config = _mic_config()
+    config.adapt[field] = value
+    with pytest.raises(ValueError, match=message):
+      methods.build(config, 8)

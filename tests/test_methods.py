@@ -37,6 +37,9 @@ VARIANTS = {
                "adapt.lambda_ent_aux": 0.0002},
     "self_training": {"adapt.method": "self_training", "adapt.st_threshold": 0.2,
                       "adapt.st_ignore_bottom": 0.25, "adapt.st_jitter_p": 1.0},
+    # DAFormer's step (without backbone weights: no feature distance) with MIC's masked images.
+    "mic": {"adapt.method": "daformer", "adapt.st_threshold": 0.2, "adapt.mic": True,
+            "adapt.mic_block": 8, "adapt.st_jitter_p": 1.0},
 }
 
 # name -> (its states, its metrics).
@@ -50,6 +53,7 @@ EXPECTED = {
     "advent": ({"seg", "disc"}, {"loss_seg", "loss_adv", "loss_ent", "loss_disc", "lr"}),
     "minent": ({"seg"}, {"loss_seg", "loss_seg_aux1", "loss_ent", "loss_ent_aux", "lr"}),
     "self_training": ({"seg", "ema"}, {"loss_seg", "loss_mix", "pseudo_weight", "lr"}),
+    "mic": ({"seg", "ema"}, {"loss_seg", "loss_mix", "loss_mask", "pseudo_weight", "lr"}),
 }
 
 

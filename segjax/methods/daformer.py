@@ -19,6 +19,19 @@ of 512 rows, and one more term on the source batch:
   average is over the global batch; with no such cell the term is 0. Without
   backbone weights the copy would be random: FD is off, with a log line.
 
+  Masked image consistency (MIC, Hoyer et al. 2023, `adapt.mic`; MIC's
+  `masking_consistency_module.py` with `mask_mode='separatetrgaug'` and the
+  self-training's teacher and threshold, as its published config). Each
+  target image, colour-jittered and blurred as the mixed images are (its own
+  draws), is masked: a grid of round(H / `mic_block`) x round(W / `mic_block`)
+  cells, each kept with probability 1 - `mic_ratio` (0.7 masked), scaled up to
+  the image by nearest neighbour, and masked pixels set to 0 after
+  normalisation (the mean colour). The student's prediction of the masked
+  image learns the teacher's pseudo labels of the whole, unmasked image, with
+  their weights (the share of confident pixels, the ignored rows at 0):
+  `loss_mask`, weighted by `mic_lambda` (1). The masks are drawn per example
+  from its index in the global batch.
+
 The frozen encoder is the state 'imnet' ({'params': the encoder's}),
 checkpointed with the others; it is set from the student at step 0, after
 the backbone weights are loaded. The segmenter must have a pretrained encoder
@@ -34,7 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from segjax import data, losses, models
-from segjax.methods import self_training
+from segjax.methods import base, self_training
 from segjax.models import weights
 
 CITYSCAPES_THINGS = ("traffic light", "traffic sign", "person", "rider", "car", "truck", "bus",
@@ -63,6 +76,17 @@ def pooled_labels(labels: jax.Array, grid: tuple[int, int], num_classes: int,
   return jnp.where((majority == num_classes) | (ratio < min_ratio), -1, majority)
 
 
+def block_mask(key: jax.Array, height: int, width: int, block: int, ratio: float) -> jax.Array:
+  """(height, width) bool, True where kept: MIC's `BlockMaskGenerator`. A grid of
+  round(height / block) x round(width / block) cells (at least 1 x 1), each kept when its
+  uniform draw exceeds `ratio`, scaled up to the image by nearest neighbour (cell
+  floor(i * rows / height))."""
+  rows, cols = max(1, round(height / block)), max(1, round(width / block))
+  keep = jax.random.uniform(key, (rows, cols)) > ratio
+  return keep[(jnp.arange(height) * rows // height)[:, None],
+              (jnp.arange(width) * cols // width)[None, :]]
+
+
 def feature_distance(student: jax.Array, frozen: jax.Array, mask: jax.Array):
   """(sum, count) of the per-cell L2 distances between the two (N, h, w, C) maps over `mask`.
 
@@ -84,6 +108,10 @@ class DAFormer(self_training.SelfTraining):
       "fd_lambda": 0.005,  # 0: no feature distance.
       "fd_classes": CITYSCAPES_THINGS,  # Class names; those the dataset lacks are left out.
       "fd_min_ratio": 0.75,
+      "mic": False,  # Masked image consistency.
+      "mic_ratio": 0.7,  # The share of masked blocks.
+      "mic_block": 64,  # The blocks' size in pixels (of the training crop).
+      "mic_lambda": 1.0,
   }
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
@@ -105,6 +133,13 @@ class DAFormer(self_training.SelfTraining):
                        f"segmenter with a pretrained encoder (encode()); model.name="
                        f"{config.model.name!r} has none. Use a MiT segmenter "
                        f"(daformer_mitb5, ...) or set adapt.fd_lambda=0.")
+    if not 0.0 <= adapt.mic_ratio < 1.0:
+      raise ValueError(f"adapt.mic_ratio={adapt.mic_ratio} must be in [0, 1).")
+    if adapt.mic_block < 1:
+      raise ValueError(f"adapt.mic_block={adapt.mic_block} must be a positive number of pixels.")
+    if adapt.mic_lambda < 0:
+      raise ValueError(f"adapt.mic_lambda={adapt.mic_lambda} must be >= 0.")
+    self.mic = bool(adapt.mic)
     if self.fd_lambda and not self.fd_classes:
       raise ValueError(f"adapt.fd_classes={tuple(adapt.fd_classes)}: none is a class of "
                        f"data.source ({', '.join(names)}).")
@@ -136,3 +171,25 @@ class DAFormer(self_training.SelfTraining):
     total, count = feature_distance(student, frozen, jnp.isin(cells, jnp.asarray(self.fd_classes)))
     loss_fd = self.fd_lambda * losses.global_mean(total, count, axis_name)
     return loss_fd, {"loss_fd": loss_fd}
+
+  def target_inputs(self, target_images, pseudo, weights, example_keys):
+    """MIC's masked target images, with the teacher's pseudo labels of the unmasked ones."""
+    if not self.mic:
+      return {}
+    keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, 2)))(example_keys)
+    images = self._strong_augment(target_images, keys[:, 0])
+    height, width = images.shape[1:3]
+    keep = jax.vmap(lambda key: block_mask(key, height, width, self.adapt.mic_block,
+                                           self.adapt.mic_ratio))(keys[:, 1])
+    return {"image": images, "keep": keep, "label": pseudo, "weight": weights}
+
+  def target_terms(self, seg, params, stats, inputs, rng, axis_name):
+    """MIC's `loss_mask`: the student on the masked target images."""
+    if not self.mic:
+      return 0.0, {}, stats
+    images = self.preprocess(inputs["image"]) * inputs["keep"][..., None]
+    out, stats = base.segment(seg, params, stats, images, jax.random.fold_in(rng, 1))
+    loss_mask = self.adapt.mic_lambda * losses.global_mean(
+        *losses.weighted_cross_entropy(out["logits"], inputs["label"], inputs["weight"]),
+        axis_name)
+    return loss_mask, {"loss_mask": loss_mask}, stats

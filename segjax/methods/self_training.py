@@ -17,7 +17,11 @@ Beyond the seeds: the strongest widely used UDA baseline (Tranheden et al.
      `st_jitter`, applied with probability `st_jitter_p`) and a Gaussian blur
      (sigma from [0.15, 1.15], probability 0.5).
   4. The student minimises its source loss + the confidence-weighted CE on the
-     mixed images (weighted sum over every pixel / number of pixels).
+     mixed images (weighted sum over every pixel / number of pixels). As in
+     DACS and DAFormer, which call backward() once per loss, each pass is
+     differentiated on its own and the next starts once its gradient is done
+     (an optimisation barrier), so a step keeps one pass's activations at a
+     time; the gradients add up.
   5. The teacher follows: alpha_t = min(1 - 1 / (t + 1), st_alpha) with t the
      step from 0 (so the teacher starts as a copy of the student), on the
      parameters and the BatchNorm statistics (the teacher runs in inference
@@ -154,6 +158,21 @@ class SelfTraining(base.Method):
     del states, src, src_out, axis_name
     return 0.0, {}
 
+  def target_inputs(self, target_images: jax.Array, pseudo: jax.Array, weights: jax.Array,
+                    example_keys: jax.Array) -> dict:
+    """Per-example inputs of `target_terms`, made outside the differentiated function from the
+    target images, the teacher's pseudo labels and their weights; none here (`daformer`'s
+    masked image consistency makes its masked images)."""
+    del target_images, pseudo, weights, example_keys
+    return {}
+
+  def target_terms(self, seg: steps.TrainState, params, stats, inputs: dict, rng: jax.Array,
+                   axis_name: str):
+    """More loss terms of the student on target images: (loss, {name: value}, batch
+    statistics); none here."""
+    del seg, params, inputs, rng, axis_name
+    return 0.0, {}, stats
+
   def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
     seg, ema = states["seg"], states["ema"]
     # The teacher starts as the student (DACS's alpha_0 = 0), pretrained weights included.
@@ -188,24 +207,42 @@ class SelfTraining(base.Method):
     mixed_labels = jnp.where(masks, src["label"], pseudo)
     mixed_weights = jnp.where(masks, 1.0, weights)
 
-    # 4. The student (in optim.accumulate_steps micro-batches).
-    def loss_fn(params, inputs, stats):
-      src_out, stats = base.segment(seg, params, stats, self.preprocess(inputs["source"]["image"]),
-                                    src_rng)
-      loss, parts = self.source_loss(src_out, inputs["source"]["label"], axis_name)
-      extra, extra_parts = self.source_terms(states, inputs["source"], src_out, axis_name)
-      loss, parts = loss + extra, dict(parts, **extra_parts)
+    # 4. The student: one pass after another, each differentiated on its own, in
+    # optim.accumulate_steps micro-batches.
+    def source_pass(params, inputs, stats):
+      src_out, stats = base.segment(seg, params, stats, self.preprocess(inputs["image"]), src_rng)
+      loss, parts = self.source_loss(src_out, inputs["label"], axis_name)
+      extra, extra_parts = self.source_terms(states, inputs, src_out, axis_name)
+      return loss + extra, (stats, dict(parts, **extra_parts))
+
+    def mixed_pass(params, inputs, stats):
       mix_out, stats = base.segment(seg, params, stats,
                                     steps.preprocess(inputs["image"], self.mean, self.std),
                                     mix_rng)
       loss_mix = base.global_mean(
           losses.weighted_cross_entropy(mix_out["logits"], inputs["label"], inputs["weight"]),
           axis_name)
-      parts["loss_mix"] = loss_mix
-      return loss + loss_mix, (stats, parts)
+      return loss_mix, (stats, {"loss_mix": loss_mix})
 
-    mixed = {"source": src, "image": mixed_images, "label": mixed_labels, "weight": mixed_weights}
-    (_, (stats, parts)), grads = self.value_and_grad(loss_fn, seg.params, mixed, seg.batch_stats)
+    def target_pass(params, inputs, stats):
+      loss, parts, stats = self.target_terms(seg, params, stats, inputs, mix_rng, axis_name)
+      return loss, (stats, parts)
+
+    mixed = {"image": mixed_images, "label": mixed_labels, "weight": mixed_weights}
+    passes = [(source_pass, src), (mixed_pass, mixed)]
+    extra_inputs = self.target_inputs(tgt["image"], pseudo, weights, example_keys)
+    if extra_inputs:
+      passes.append((target_pass, extra_inputs))
+    grads, stats, parts = None, seg.batch_stats, {}
+    for loss_fn, inputs in passes:
+      if grads is not None:
+        # The next pass starts once the gradient so far is complete, as DAFormer's separate
+        # backward passes: the activations of one pass are kept at a time, not of all.
+        _, inputs = jax.lax.optimization_barrier((grads, inputs))
+      (_, (stats, pass_parts)), pass_grads = self.value_and_grad(loss_fn, seg.params, inputs,
+                                                                 stats)
+      grads = pass_grads if grads is None else jax.tree.map(jnp.add, grads, pass_grads)
+      parts.update(pass_parts)
     new_seg = base.apply_seg_gradients(seg, grads, stats, axis_name)
 
     # 5. The teacher follows the updated student.

@@ -17,9 +17,11 @@ With `--step`, also the config's whole training step as `segjax.main` compiles
 it on one device, at `--batch` source (+ target) images of the given size:
 every state the method keeps (optimizer moments, EMA teacher, frozen
 encoder...), every network pass of the step and `optim.accumulate_steps`.
-Its memory is XLA's memory analysis of that program for this backend, less
-the donated states it updates in place: the figure to set against a GPU's
-memory (the GPU backend's own scheduling differs somewhat). For example,
+It is traced as a GPU traces it (lax's convolutions; `--step_for=cpu`: with
+the CPU-only formulations) and compiled by this machine's XLA; its memory is
+XLA's memory analysis of that program, less the donated states it updates in
+place: the figure to set against a GPU's memory, though XLA:GPU's fusion and
+scheduling differ from the CPU's. For example,
 DAFormer's published step (MiT-B5, 512x512, 2 + 2 images; the feature
 distance is on when `model.backbone_weights` is set, which is not read here):
 
@@ -40,7 +42,7 @@ from ml_collections import config_flags
 
 from jax.sharding import Mesh, PartitionSpec as P
 
-from segjax import cli, errors, losses, methods, models, parallel
+from segjax import cli, errors, losses, methods, models, parallel, platforms
 from segjax import states as states_lib
 
 FLAGS = flags.FLAGS
@@ -51,6 +53,9 @@ flags.DEFINE_integer("batch", 1, "Images per forward pass.")
 flags.DEFINE_integer("num_classes", 19, "Output classes (19: Cityscapes' train ids).")
 flags.DEFINE_integer("repeats", 10, "Timed forward passes (after 2 warm-ups).")
 flags.DEFINE_bool("step", False, "Also the whole training step's FLOPs and memory.")
+flags.DEFINE_enum("step_for", "cuda", ["cuda", "cpu"],
+                  "--step: trace the step as a GPU does (lax's convolutions) or with the "
+                  "CPU-only formulations of segjax.models.fast_ops.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -127,9 +132,17 @@ def summarize(config, height: int, width: int, batch: int, num_classes: int,
   return records
 
 
-def step_costs(config, height: int, width: int, batch: int, num_classes: int) -> dict:
-  """FLOPs and bytes (see `compiled_costs`) of the config's training step, compiled as
-  `segjax.train` does on one device, for `batch` images of height x width per domain."""
+def step_costs(config, height: int, width: int, batch: int, num_classes: int,
+               trace_for: str = "cuda") -> dict:
+  """FLOPs and bytes of the config's training step as `segjax.train` builds it on one device,
+  for `batch` images of height x width per domain, traced for `trace_for`
+  (`segjax.platforms`): the FLOPs from XLA's cost analysis of the traced program, the bytes
+  from its memory analysis compiled by this machine's backend (see `compiled_costs`)."""
+  with platforms.compiling_for(trace_for):
+    return _step_costs(config, height, width, batch, num_classes, trace_for)
+
+
+def _step_costs(config, height, width, batch, num_classes, trace_for):
   config = config.copy_and_resolve_references()
   config.data.crop_size = (height, width)
   config.batch_size = batch
@@ -150,13 +163,23 @@ def step_costs(config, height: int, width: int, batch: int, num_classes: int) ->
       functools.partial(method.step, axis_name=parallel.DATA_AXIS), mesh,
       in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
-  flops, used = compiled_costs(train_step, states, batch_spec, rng)
+  lowered = train_step.lower(states, batch_spec, rng)
+  memory = lowered.compile().memory_analysis()
+  used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else -1
   if config.optim.get("accumulate_steps", 1) > 1:
-    # XLA's cost analysis counts a loop's body once: the FLOPs are those of the whole batch
-    # in one pass, which accumulation computes too.
+    # The FLOPs of the whole batch in one pass, which accumulation computes too (cost analysis
+    # counts a loop's body once).
     config.optim.accumulate_steps = 1
-    flops = step_costs(config, height, width, batch, num_classes)["step_flops"]
-  return {"method": config.adapt.method, "step_flops": flops, "step_bytes": used}
+    lowered = parallel.data_parallel(
+        functools.partial(methods.build(config, num_classes).step, axis_name=parallel.DATA_AXIS),
+        mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()),
+        donate_argnums=(0,)).lower(states, batch_spec, rng)
+  # The program as traced, before XLA:CPU rewrites it: the CPU expands a grouped convolution's
+  # kernel gradient into a dense one (30x the FLOPs of a depthwise 3x3's), which a GPU does not.
+  flops = float(lowered.cost_analysis()["flops"])
+  return {"method": config.adapt.method, "step_flops": flops, "step_bytes": used,
+          "trace_for": trace_for}
 
 
 def format_step(record: dict, height: int, width: int, batch: int, config) -> str:
@@ -165,8 +188,9 @@ def format_step(record: dict, height: int, width: int, batch: int, config) -> st
           f"model.dtype {config.model.dtype}, model.remat {config.model.get('remat', False)}, "
           f"optim.accumulate_steps {config.optim.get('accumulate_steps', 1)}): "
           f"{record['step_flops'] / 1e9:.1f} GFLOPs, {record['step_bytes'] / 2 ** 30:.2f} GiB "
-          f"(XLA's memory analysis on {jax.devices()[0].platform.upper()}: states, batch, "
-          f"temporaries; the updated states reuse their buffers)")
+          f"(traced for {record['trace_for']}, compiled and analysed by XLA:"
+          f"{jax.devices()[0].platform.upper()}: states, batch, temporaries; the updated states "
+          f"reuse their buffers)")
 
 
 def format_table(records: list[dict], height: int, width: int, batch: int, dtype: str) -> str:
@@ -196,8 +220,8 @@ def main(argv):
   records = summarize(config, height, width, FLAGS.batch, FLAGS.num_classes, FLAGS.repeats)
   print(format_table(records, height, width, FLAGS.batch, config.model.dtype))
   if FLAGS.step:
-    print(format_step(step_costs(config, height, width, FLAGS.batch, FLAGS.num_classes),
-                      height, width, FLAGS.batch, config))
+    print(format_step(step_costs(config, height, width, FLAGS.batch, FLAGS.num_classes,
+                                 FLAGS.step_for), height, width, FLAGS.batch, config))
 
 
 if __name__ == "__main__":
