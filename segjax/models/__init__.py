@@ -11,6 +11,8 @@ Contract of a segmenter (a linen Module with
                 supervision heads, DeepLab-v2's layer3 head), empty in eval;
     'features': (optional) the last hidden map (FCN's fc7), for feature-level
                 discriminators.
+    'detail_logits', 'detail_offsets': (HRDA, in training) the detail
+                window's prediction and each window's top-left corner.
   A segmenter with a pretrained trunk names it 'backbone' and defines the
   static method `backbone_torch_key(path) -> torchvision key`.
 """
@@ -35,6 +37,7 @@ SEGMENTERS: dict[str, str] = {
     "unet_small": "unet:UNetSmall",
     **{f"{head}_mitb{i}": f"segformer:{cls}MiTB{i}"
        for head, cls in (("daformer", "DAFormer"), ("segformer", "SegFormer")) for i in range(6)},
+    **{f"hrda_mitb{i}": f"hrda:HRDAMiTB{i}" for i in range(6)},
 }
 
 DISCRIMINATORS: dict[str, str] = {

@@ -46,10 +46,12 @@ class ConvBNReLU(nn.Module):
 
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
-  """Bilinear resize of NHWC features (align_corners=False, like F.interpolate)."""
+  """Bilinear resize of NHWC features (align_corners=False, like F.interpolate: no
+  antialiasing when it shrinks)."""
   if x.shape[1:3] == (height, width):
     return x
-  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear")
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear",
+                          antialias=False)
 
 
 conv1x1 = functools.partial(nn.Conv, kernel_size=(1, 1))

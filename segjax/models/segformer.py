@@ -83,6 +83,9 @@ class DAFormerHead(nn.Module):
   embed_dim: int = DAFORMER_EMBED
   dilations: tuple[int, ...] = DAFORMER_DILATIONS
   dropout_rate: float = 0.1
+  # 'aspp': the depthwise-separable ASPP and bottleneck; 'conv': one 1x1 conv + BN + ReLU
+  # (HRDA's scale-attention head).
+  fusion: str = "aspp"
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -97,6 +100,12 @@ class DAFormerHead(nn.Module):
                                        height, width)
                 for i, f in enumerate(features)]
     x = jnp.concatenate(embedded, axis=-1)
+    if self.fusion == "conv":
+      x = block(self.embed_dim, "fuse")(x, train)
+      x = layers.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(x, deterministic=not train)
+      return layers.conv(self.num_classes, 1, use_bias=True, name="classifier", **kw)(x)
+    if self.fusion != "aspp":
+      raise ValueError(f"Unknown DAFormer head fusion {self.fusion!r}; expected 'aspp' or 'conv'.")
     branches = []
     for d in self.dilations:
       if d == 1:

@@ -1,0 +1,172 @@
+"""HRDA's multi-resolution segmenter: detail windows, the scale-attention fusion, sliding windows."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from segjax import models, parallel
+from segjax.models import hrda
+
+
+def test_detail_windows_lie_inside_the_input_on_the_8_pixel_grid():
+  corners = np.stack([np.asarray(hrda.detail_offset(jax.random.key(i), 1024, 1024, (512, 512), 8))
+                      for i in range(400)])
+  assert (corners % 8 == 0).all() and (corners >= 0).all() and (corners + 512 <= 1024).all()
+  # HRDA's get_crop_bbox: randint(0, (margin + 1) // 8) * 8: 0 ... 504 (not 512, as there).
+  assert set(corners[:, 0]) == set(range(0, 512, 8))
+  # Non-square, a margin that is not a multiple of 8, and a window as large as the input.
+  corners = np.stack([np.asarray(hrda.detail_offset(jax.random.key(i), 72, 100, (32, 100), 8))
+                      for i in range(100)])
+  assert set(corners[:, 0]) == set(range(0, 40, 8)) and set(corners[:, 1]) == {0}
+
+
+def _reference_fusion(context, attention, detail, offsets):
+  """The formula written out with numpy loops: attention 0 outside the window's context cells,
+  the detail pasted at offsets / 4, then up(a) * detail + up((1 - a) * context)."""
+  n, h, w, _ = context.shape
+  dh, dw = detail.shape[1:3]
+  attention = np.array(attention)
+  canvas = np.zeros((n, 2 * h, 2 * w, detail.shape[-1]), np.float32)
+  for i, (y, x) in enumerate(offsets):
+    keep = np.zeros((h, w), bool)
+    keep[y // 8:y // 8 + dh // 2, x // 8:x // 8 + dw // 2] = True
+    attention[i][~keep] = 0.0
+    canvas[i, y // 4:y // 4 + dh, x // 4:x // 4 + dw] = detail[i]
+  up = lambda x: np.asarray(jax.image.resize(x, (n, 2 * h, 2 * w, x.shape[-1]), "bilinear"))
+  return up(attention) * canvas + up((1 - attention) * context), attention
+
+
+def test_the_scale_attention_fusion_is_the_formula():
+  rng = np.random.default_rng(0)
+  context = rng.normal(size=(2, 16, 24, 5)).astype(np.float32)
+  attention = rng.uniform(size=(2, 16, 24, 5)).astype(np.float32)
+  detail = rng.normal(size=(2, 16, 24, 5)).astype(np.float32)  # A 64x96 window at 1/4.
+  offsets = np.array([[16, 40], [64, 0]], np.int32)  # In input pixels (128x192).
+  fused = np.asarray(hrda.fuse(jnp.asarray(context), jnp.asarray(attention), jnp.asarray(detail),
+                               jnp.asarray(offsets)))
+  expected, masked = _reference_fusion(context, attention, detail, offsets)
+  np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-6)
+  # Far from the window only the (upsampled) context; inside, where the attention is 1, only
+  # the detail.
+  up_context = np.asarray(jax.image.resize(context, (2, 32, 48, 5), "bilinear"))
+  np.testing.assert_allclose(fused[1, :12], up_context[1, :12], rtol=1e-5, atol=1e-6)
+  assert masked[1, :8].sum() == 0 and masked[1, 8:, 12:].sum() == 0
+  assert masked[1, 8:, :12].min() > 0
+  ones = np.ones_like(attention)
+  fused = np.asarray(hrda.fuse(jnp.asarray(context), jnp.asarray(ones), jnp.asarray(detail),
+                               jnp.asarray(offsets)))
+  np.testing.assert_allclose(fused[0, 5:19, 11:33], detail[0, 1:15, 1:23], rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_window_the_detail_covers_the_whole_output_and_the_attention_is_unmasked():
+  rng = np.random.default_rng(1)
+  context = rng.normal(size=(1, 8, 8, 3)).astype(np.float32)
+  attention = rng.uniform(size=(1, 8, 8, 1)).astype(np.float32)  # One map for all classes.
+  detail = rng.normal(size=(1, 16, 16, 3)).astype(np.float32)
+  up = lambda x: np.asarray(jax.image.resize(x, (1, 16, 16, x.shape[-1]), "bilinear"))
+  np.testing.assert_allclose(
+      hrda.fuse(jnp.asarray(context), jnp.asarray(attention), jnp.asarray(detail), None),
+      up(attention) * detail + up((1 - attention) * context), rtol=1e-5, atol=1e-6)
+
+
+def test_sliding_windows_cover_every_pixel_and_average_the_overlaps():
+  # HRDA's inference: 512 windows at stride 256 over a 1024x1024 window, and an odd fit.
+  assert hrda.slide_windows(1024, 1024, (512, 512)) == [
+      (y, x) for y in (0, 256, 512) for x in (0, 256, 512)]
+  corners = hrda.slide_windows(72, 200, (32, 64))
+  assert {y for y, _ in corners} == {0, 16, 32, 40} and {x for _, x in corners} == {
+      0, 32, 64, 96, 128, 136}
+  windows = [jnp.full((1, 32, 64, 1), float(i)) for i in range(len(corners))]
+  averaged = np.asarray(hrda.average_windows(windows, corners, 72, 200))[0, ..., 0]
+  expected = np.zeros((72, 200))
+  count = np.zeros((72, 200))
+  for i, (y, x) in enumerate(corners):
+    expected[y:y + 32, x:x + 64] += i
+    count[y:y + 32, x:x + 64] += 1
+  assert count.min() >= 1  # Every pixel covered.
+  assert count.max() == 9  # Rows 40-47 and columns 136-159 lie in three windows each.
+  np.testing.assert_allclose(averaged, expected / count, rtol=1e-6)
+
+
+def _model(detail_crop=(32, 64)):
+  config = ml_collections.ConfigDict(dict(
+      name="hrda_mitb0", dropout_rate=0.0, drop_path_rate=0.0, dtype="float32",
+      param_dtype="float32", remat=False, detail_crop=detail_crop, detail_divisible=8))
+  return models.build_segmenter(config, 8)
+
+
+def test_the_segmenter_fuses_its_own_two_scales():
+  model = _model()
+  images = jax.random.uniform(jax.random.key(0), (2, 64, 128, 3))
+  variables = model.init(jax.random.key(1), images)
+  out, _ = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(2)},
+                       mutable=["batch_stats"])
+  assert out["logits"].shape == (2, 64, 128, 8) and out["detail_logits"].shape == (2, 32, 64, 8)
+  offsets = np.asarray(out["detail_offsets"])
+  assert (offsets % 8 == 0).all() and (offsets + [32, 64] <= [64, 128]).all()
+  # Inference: the detail windows slide over the input; 'features' is the context's (scale 0.5),
+  # which `encode` (the frozen encoder's features) also computes.
+  out = model.apply(variables, images)
+  assert out["logits"].shape == (2, 64, 128, 8) and "detail_logits" not in out
+  assert out["features"].shape == (2, 1, 2, 256)
+  np.testing.assert_allclose(model.apply(variables, images, method="encode")[-1],
+                             out["features"], rtol=1e-6)
+  # With the window as large as the input, inference is one detail pass fused unmasked.
+  whole = _model(detail_crop=(64, 128))
+  out = whole.apply(variables, images)
+
+  def parts(module, images):
+    half = jax.image.resize(images, (2, 32, 64, 3), "bilinear", antialias=False)
+    context, features = module._predict(half, False)  # pylint: disable=protected-access
+    attention = jax.nn.sigmoid(module.scale_attention(features, False))
+    detail, _ = module._predict(images, False)  # pylint: disable=protected-access
+    return context, attention, detail
+
+  context, attention, detail = whole.apply(variables, images, method=parts)
+  up = lambda x: jax.image.resize(x, (2, 16, 32, x.shape[-1]), "bilinear")
+  expected = up(attention) * detail + up((1 - attention) * context)
+  np.testing.assert_allclose(out["logits"], jax.image.resize(expected, (2, 64, 128, 8),
+                                                             "bilinear"), rtol=1e-4, atol=1e-5)
+
+
+def test_detail_windows_are_drawn_per_example_from_its_global_index():
+  model = _model()
+  images = jax.random.uniform(jax.random.key(0), (8, 64, 128, 3))
+  variables = model.init(jax.random.key(1), images[:1])
+
+  def offsets(num_devices):
+    mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
+    apply = lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(3)},
+                                     mutable=["batch_stats"])[0]["detail_offsets"]
+    return np.asarray(parallel.data_parallel(apply, mesh, in_specs=(P(), P("data")),
+                                             out_specs=P("data"))(variables, images))
+
+  one = offsets(1)
+  np.testing.assert_array_equal(one, offsets(8))
+  assert len({tuple(o) for o in one}) > 1
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("detail_crop", (30, 64), r"model.detail_crop=\(30, 64\) must be \(height, width\), "
+                              r"multiples of 8"),
+    ("detail_divisible", 4, "model.detail_divisible=4 must be a multiple of 8"),
+])
+def test_bad_detail_settings_are_refused(field, value, message):
+  config = ml_collections.ConfigDict(dict(name="hrda_mitb0", dtype="float32",
+                                          param_dtype="float32", detail_crop=(32, 64),
+                                          detail_divisible=8))
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    models.build_segmenter(config, 8)
+
+
+def test_inputs_off_the_8_pixel_grid_or_below_the_window_are_refused():
+  model = _model()
+  with pytest.raises(ValueError, match="multiple of 8 on each side; got 60x128"):
+    model.init(jax.random.key(0), jnp.zeros((1, 60, 128, 3)))
+  with pytest.raises(ValueError, match=r"input 24x128 is smaller than model.detail_crop"):
+    model.init(jax.random.key(0), jnp.zeros((1, 24, 128, 3)))
