@@ -76,7 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict(dict(
       name="ce", class_weights=(), focal_gamma=2.0, focal_alpha=0.0, ohem_thresh=0.7,
       ohem_min_kept=1 / 16,
-      aux_weights=()))  # One weight per auxiliary head of the segmenter.
+      aux_weights=(),  # One weight per auxiliary head of the segmenter.
+      detail_weight=0.1))  # HRDA's segmenters: the loss on their detail windows (lambda_d).
 
   # Evaluation: test-time augmentation and sliding-window inference (segjax.inference).
   config.inference = ml_collections.ConfigDict(dict(

@@ -46,13 +46,25 @@ def _segment(state: TrainState, params, batch_stats, images, rng, train: bool):
   return outputs, updates["batch_stats"]
 
 
+def detail_crop(outputs: dict, maps: jax.Array) -> jax.Array:
+  """Each example's (N, H, W, ...) map cropped to its detail window (HRDA's segmenter:
+  'detail_offsets', and the window's size from 'detail_logits')."""
+  height, width = outputs["detail_logits"].shape[1:3]
+  return jax.vmap(lambda m, o: jax.lax.dynamic_slice(
+      m, (o[0], o[1]) + (0,) * (m.ndim - 2), (height, width) + m.shape[2:]))(
+          maps, outputs["detail_offsets"])
+
+
 def supervised_loss(outputs: dict, labels: jax.Array, seg_loss: losses.SegLoss,
-                    aux_weights: tuple[float, ...], axis_name: str) -> tuple[jax.Array, dict]:
+                    aux_weights: tuple[float, ...], axis_name: str,
+                    detail_weight: float = 0.0) -> tuple[jax.Array, dict]:
   """The main head's loss plus the weighted losses of the auxiliary heads.
 
   BiSeNet weights its two supervision heads 1 each; DeepLab-v2 (AdaptSegNet,
   ADVENT) its layer3 head 0.1. Each head's loss is averaged over the global
-  batch on its own. Returns the total and the per-head losses for logging.
+  batch on its own. An HRDA segmenter's detail prediction adds its loss on the
+  labels of its window (`loss_detail`), x `detail_weight` (HRDA's 0.1). Returns
+  the total and the per-head losses for logging.
   """
   aux = outputs.get("aux", ())
   if len(aux) != len(aux_weights):
@@ -64,6 +76,11 @@ def supervised_loss(outputs: dict, labels: jax.Array, seg_loss: losses.SegLoss,
     aux_loss = losses.global_mean(*seg_loss(logits, labels), axis_name)
     parts[f"loss_seg_aux{i}"] = aux_loss
     loss = loss + weight * aux_loss
+  if "detail_logits" in outputs:
+    detail = losses.global_mean(*seg_loss(outputs["detail_logits"], detail_crop(outputs, labels)),
+                                axis_name)
+    parts["loss_detail"] = detail
+    loss = loss + detail_weight * detail
   return loss, parts
 
 

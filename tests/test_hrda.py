@@ -170,3 +170,71 @@ def test_inputs_off_the_8_pixel_grid_or_below_the_window_are_refused():
     model.init(jax.random.key(0), jnp.zeros((1, 60, 128, 3)))
   with pytest.raises(ValueError, match=r"input 24x128 is smaller than model.detail_crop"):
     model.init(jax.random.key(0), jnp.zeros((1, 24, 128, 3)))
+
+
+def test_the_detail_loss_reads_the_labels_and_weights_of_each_window():
+  """HRDA's detail loss: the detail prediction against the labels (and pixel weights) inside
+  each example's window, x loss.detail_weight, beside the fused prediction's loss."""
+  from segjax import losses, steps  # pylint: disable=import-outside-toplevel
+  from segjax.methods import base  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(2)
+  labels = rng.integers(0, 4, (2, 16, 24)).astype(np.int32)
+  labels[0, :3] = 255
+  weights = rng.uniform(size=(2, 16, 24)).astype(np.float32)
+  offsets = np.array([[8, 0], [0, 16]], np.int32)
+  outputs = {"logits": jnp.asarray(rng.normal(size=(2, 16, 24, 4)), jnp.float32),
+             "aux": (), "detail_logits": jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32),
+             "detail_offsets": jnp.asarray(offsets)}
+  window_labels = np.stack([labels[0, 8:16, 0:8], labels[1, 0:8, 16:24]])
+  window_weights = np.stack([weights[0, 8:16, 0:8], weights[1, 0:8, 16:24]])
+  np.testing.assert_array_equal(steps.detail_crop(outputs, jnp.asarray(labels)), window_labels)
+  ce = losses.cross_entropy
+  loss, parts = steps.supervised_loss(outputs, jnp.asarray(labels), ce, (), None, 0.1)
+  fused = losses.global_mean(*ce(outputs["logits"], jnp.asarray(labels)), None)
+  detail = losses.global_mean(*ce(outputs["detail_logits"], jnp.asarray(window_labels)), None)
+  np.testing.assert_allclose(parts["loss_detail"], detail, rtol=1e-6)
+  np.testing.assert_allclose(loss, fused + 0.1 * detail, rtol=1e-6)
+
+  class _Weighted:  # base.Method.weighted_loss needs only detail_weight.
+    detail_weight = 0.1
+  loss, parts = base.Method.weighted_loss(_Weighted(), outputs, jnp.asarray(labels),
+                                          jnp.asarray(weights), None, "loss_mix")
+  wce = losses.weighted_cross_entropy
+  detail = losses.global_mean(*wce(outputs["detail_logits"], jnp.asarray(window_labels),
+                                   jnp.asarray(window_weights)), None)
+  np.testing.assert_allclose(parts["loss_mix_detail"], detail, rtol=1e-6)
+  np.testing.assert_allclose(loss, parts["loss_mix"] + 0.1 * detail, rtol=1e-6)
+
+
+def test_the_hrda_method_trains_an_hrda_segmenter():
+  from configs import hrda as hrda_config  # pylint: disable=import-outside-toplevel
+  from segjax import methods  # pylint: disable=import-outside-toplevel
+  config = hrda_config.get_config()
+  assert methods.build(config, 8).detail_weight == 0.1
+  config.model.name = "daformer_mitb0"
+  with pytest.raises(ValueError, match=r"adapt.method='hrda' trains an HRDA segmenter .*"
+                                       r"got model.name='daformer_mitb0'"):
+    methods.build(config, 8)
+
+
+def test_the_published_hrda_and_mic_recipes():
+  from configs import hrda as hrda_config  # pylint: disable=import-outside-toplevel
+  from configs import mic as mic_config  # pylint: disable=import-outside-toplevel
+  for module, mic in ((hrda_config, False), (mic_config, True)):
+    config = module.get_config("gta5=/g,cityscapes=/c")
+    assert (config.model.name, tuple(config.model.detail_crop), config.model.detail_divisible,
+            config.loss.detail_weight) == ("hrda_mitb5", (512, 512), 8, 0.1)
+    assert tuple(config.data.crop_size) == (1024, 1024) and config.batch_size == 2
+    assert tuple(config.data.source.resize) == (1440, 2560)
+    assert tuple(config.data.target.resize) == tuple(config.data.eval.resize) == (1024, 2048)
+    assert (tuple(config.inference.window), tuple(config.inference.stride)) == (
+        (1024, 1024), (512, 512))
+    assert config.data.rcs.min_crop_ratio == 2.0 and config.data.rcs.temperature == 0.01
+    adapt = config.adapt
+    assert (adapt.method, adapt.fd_lambda, adapt.st_alpha, adapt.st_threshold) == (
+        "hrda", 0.005, 0.999, 0.968)
+    assert round(adapt.st_ignore_top * 1024) == 30 and round(adapt.st_ignore_bottom * 1024) == 240
+    assert (adapt.mic, adapt.mic_block, adapt.mic_ratio, adapt.mic_lambda) == (mic, 64, 0.7, 1.0)
+    assert config.num_train_steps == 40_000 and config.optim.seg.lr == 6e-5
+  synthia = hrda_config.get_config("synthia=/s,cityscapes=/c")
+  assert tuple(synthia.data.source.resize) == (1520, 2560)

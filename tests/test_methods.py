@@ -40,6 +40,10 @@ VARIANTS = {
     # DAFormer's step (without backbone weights: no feature distance) with MIC's masked images.
     "mic": {"adapt.method": "daformer", "adapt.st_threshold": 0.2, "adapt.mic": True,
             "adapt.mic_block": 8, "adapt.st_jitter_p": 1.0},
+    # HRDA's segmenter (MiT-B0: 64x64 inputs, the context at 32x32) with MIC, dropout on.
+    "hrda_mic": {"adapt.method": "hrda", "model.name": "hrda_mitb0", "model.detail_crop": (32, 32),
+                 "model.drop_path_rate": 0.1, "data.crop_size": (64, 64),
+                 "adapt.st_threshold": 0.2, "adapt.mic": True, "adapt.mic_block": 8},
 }
 
 # name -> (its states, its metrics).
@@ -54,6 +58,8 @@ EXPECTED = {
     "minent": ({"seg"}, {"loss_seg", "loss_seg_aux1", "loss_ent", "loss_ent_aux", "lr"}),
     "self_training": ({"seg", "ema"}, {"loss_seg", "loss_mix", "pseudo_weight", "lr"}),
     "mic": ({"seg", "ema"}, {"loss_seg", "loss_mix", "loss_mask", "pseudo_weight", "lr"}),
+    "hrda_mic": ({"seg", "ema"}, {"loss_seg", "loss_detail", "loss_mix", "loss_mix_detail",
+                                  "loss_mask", "loss_mask_detail", "pseudo_weight", "lr"}),
 }
 
 
@@ -109,7 +115,7 @@ def _arrays(states: dict) -> dict:
 
 
 # Variants of a method already covered run in benchmarks/slow_tests.py, not CI.
-SLOW_VARIANTS = ("adaptsegnet_ls", "adaptsegnet_multi", "minent")
+SLOW_VARIANTS = ("adaptsegnet_ls", "adaptsegnet_multi", "minent", "hrda_mic")
 
 
 @pytest.mark.parametrize("variant", [
@@ -217,8 +223,8 @@ def test_strong_augmentation_keeps_flat_images_flat_and_probability_zero_is_iden
 
 
 # The configs that take GTA5 (or SYNTHIA) and Cityscapes roots.
-UDA_RECIPES = ("adaptsegnet", "advent", "daformer", "fcn_wild", "mpl", "pseudo_label",
-               "self_training", "source_only")
+UDA_RECIPES = ("adaptsegnet", "advent", "daformer", "fcn_wild", "hrda", "mic", "mpl",
+               "pseudo_label", "self_training", "source_only")
 
 
 def test_every_config_holds_its_methods_fields_and_no_others():

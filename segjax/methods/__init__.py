@@ -40,6 +40,7 @@ METHODS = {
     "pseudo_label": "segjax.methods.pseudo_label:PseudoLabel",
     "self_training": "segjax.methods.self_training:SelfTraining",
     "daformer": "segjax.methods.daformer:DAFormer",
+    "hrda": "segjax.methods.daformer:HRDA",
 }
 
 

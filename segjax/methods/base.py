@@ -28,6 +28,7 @@ class Method:
     self.adapt = methods.fields_of(config.adapt.method, config.adapt)
     self.seg_loss = losses.from_config(config.loss)
     self.aux_weights = tuple(config.loss.aux_weights)
+    self.detail_weight = config.loss.get("detail_weight", 0.1)
     self.mean, self.std = tuple(config.data.mean), tuple(config.data.std)
     self.seg_tx, self.seg_lr = optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
     self.accumulate_steps = config.optim.get("accumulate_steps", 1)
@@ -75,7 +76,23 @@ class Method:
     return steps.preprocess(images, self.mean, self.std)
 
   def source_loss(self, outputs: dict, labels: jax.Array, axis_name: str):
-    return steps.supervised_loss(outputs, labels, self.seg_loss, self.aux_weights, axis_name)
+    return steps.supervised_loss(outputs, labels, self.seg_loss, self.aux_weights, axis_name,
+                                 self.detail_weight)
+
+  def weighted_loss(self, outputs: dict, labels: jax.Array, weights: jax.Array, axis_name: str,
+                    name: str) -> tuple[jax.Array, dict]:
+    """The confidence-weighted CE of pseudo-labelled (or mixed) images: `name`, and with an
+    HRDA segmenter `name`_detail on the detail windows, x loss.detail_weight."""
+    loss = global_mean(losses.weighted_cross_entropy(outputs["logits"], labels, weights),
+                       axis_name)
+    parts = {name: loss}
+    if "detail_logits" in outputs:
+      detail = global_mean(losses.weighted_cross_entropy(
+          outputs["detail_logits"], steps.detail_crop(outputs, labels),
+          steps.detail_crop(outputs, weights)), axis_name)
+      parts[f"{name}_detail"] = detail
+      loss = loss + self.detail_weight * detail
+    return loss, parts
 
   def source_then_target(self, seg: steps.TrainState, params, batch: dict, src_rng: jax.Array,
                          tgt_rng: jax.Array, axis_name: str):

@@ -189,7 +189,25 @@ class DAFormer(self_training.SelfTraining):
       return 0.0, {}, stats
     images = self.preprocess(inputs["image"]) * inputs["keep"][..., None]
     out, stats = base.segment(seg, params, stats, images, jax.random.fold_in(rng, 1))
-    loss_mask = self.adapt.mic_lambda * losses.global_mean(
-        *losses.weighted_cross_entropy(out["logits"], inputs["label"], inputs["weight"]),
-        axis_name)
-    return loss_mask, {"loss_mask": loss_mask}, stats
+    loss_mask, parts = self.weighted_loss(out, inputs["label"], inputs["weight"], axis_name,
+                                          "loss_mask")
+    return self.adapt.mic_lambda * loss_mask, parts, stats
+
+
+class HRDA(DAFormer):
+  """HRDA (Hoyer et al. 2022b): DAFormer's self-training of an HRDA segmenter.
+
+  The multi-resolution training is the segmenter's (`segjax.models.hrda`:
+  context at scale 0.5, a full-resolution detail window, the scale attention);
+  its detail loss (x `loss.detail_weight`, 0.1) joins the source, mixed and
+  MIC losses (`loss_detail`, `loss_mix_detail`, `loss_mask_detail`); the
+  teacher's pseudo labels come from its sliding detail windows; the feature
+  distance compares the context's features (scale 0.5). The fields are
+  DAFormer's.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+    super().__init__(config, num_classes)
+    if not config.model.name.startswith("hrda_"):
+      raise ValueError(f"adapt.method='hrda' trains an HRDA segmenter (model.name hrda_mitb0 "
+                       f"... hrda_mitb5); got model.name={config.model.name!r}.")

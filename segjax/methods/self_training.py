@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segjax import global_batch, losses, steps
+from segjax import global_batch, steps
 from segjax.data import pipeline
 from segjax.methods import base
 
@@ -219,10 +219,9 @@ class SelfTraining(base.Method):
       mix_out, stats = base.segment(seg, params, stats,
                                     steps.preprocess(inputs["image"], self.mean, self.std),
                                     mix_rng)
-      loss_mix = base.global_mean(
-          losses.weighted_cross_entropy(mix_out["logits"], inputs["label"], inputs["weight"]),
-          axis_name)
-      return loss_mix, (stats, {"loss_mix": loss_mix})
+      loss_mix, parts = self.weighted_loss(mix_out, inputs["label"], inputs["weight"], axis_name,
+                                           "loss_mix")
+      return loss_mix, (stats, parts)
 
     def target_pass(params, inputs, stats):
       loss, parts, stats = self.target_terms(seg, params, stats, inputs, mix_rng, axis_name)
