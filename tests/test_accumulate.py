@@ -130,7 +130,7 @@ def test_accumulating_k_micro_batches_equals_k_devices_with_their_own_batch_norm
     ({"optim.accumulate_steps": 0}, "must be a positive integer"),
     ({"optim.accumulate_steps": 3}, "must divide batch_size=8"),
     ({"optim.accumulate_steps": 2, "adapt.method": "adaptsegnet"},
-     "does not accumulate gradients; the methods that do: daformer, self_training, source_only"),
+     "does not accumulate gradients; the methods that do: daformer, hrda, self_training, source_only"),
     ({"optim.accumulate_steps": 2, "loss.name": "ohem"}, "OHEM keeps the hardest pixels"),
 ])
 def test_bad_accumulation_settings_are_refused_by_name(overrides, message):

@@ -1,5 +1,7 @@
 """HRDA's multi-resolution segmenter: detail windows, the scale-attention fusion, sliding windows."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -100,43 +102,49 @@ def _model(detail_crop=(32, 64)):
 
 
 def test_the_segmenter_fuses_its_own_two_scales():
-  model = _model()
-  images = jax.random.uniform(jax.random.key(0), (2, 64, 128, 3))
-  variables = model.init(jax.random.key(1), images)
-  out, _ = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(2)},
-                       mutable=["batch_stats"])
-  assert out["logits"].shape == (2, 64, 128, 8) and out["detail_logits"].shape == (2, 32, 64, 8)
+  model = _model(detail_crop=(32, 64))
+  images = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
+  variables = jax.jit(model.init)(jax.random.key(1), images)
+  train = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)},
+                                           mutable=["batch_stats"])[0])
+  out = train(variables, images)
+  assert out["logits"].shape == (2, 64, 64, 8) and out["detail_logits"].shape == (2, 32, 64, 8)
   offsets = np.asarray(out["detail_offsets"])
-  assert (offsets % 8 == 0).all() and (offsets + [32, 64] <= [64, 128]).all()
-  # Inference: the detail windows slide over the input; 'features' is the context's (scale 0.5),
-  # which `encode` (the frozen encoder's features) also computes.
-  out = model.apply(variables, images)
-  assert out["logits"].shape == (2, 64, 128, 8) and "detail_logits" not in out
-  assert out["features"].shape == (2, 1, 2, 256)
-  np.testing.assert_allclose(model.apply(variables, images, method="encode")[-1],
-                             out["features"], rtol=1e-6)
-  # With the window as large as the input, inference is one detail pass fused unmasked.
-  whole = _model(detail_crop=(64, 128))
-  out = whole.apply(variables, images)
+  assert (offsets % 8 == 0).all() and (offsets + [32, 64] <= [64, 64]).all()
+  # Inference: the detail windows slide over the input (rows 0-31, 16-47, 32-63); 'features'
+  # is the context's (scale 0.5), which `encode` (the frozen encoder's features) computes too.
+  out = jax.jit(model.apply)(variables, images)
+  assert out["logits"].shape == (2, 64, 64, 8) and "detail_logits" not in out
+  assert out["features"].shape == (2, 1, 1, 256)
+  np.testing.assert_allclose(jax.jit(functools.partial(model.apply, method="encode"))(
+      variables, images)[-1], out["features"], rtol=1e-6)
 
   def parts(module, images):
-    half = jax.image.resize(images, (2, 32, 64, 3), "bilinear", antialias=False)
+    half = jax.image.resize(images, (2, 32, 32, 3), "bilinear", antialias=False)
     context, features = module._predict(half, False)  # pylint: disable=protected-access
     attention = jax.nn.sigmoid(module.scale_attention(features, False))
-    detail, _ = module._predict(images, False)  # pylint: disable=protected-access
-    return context, attention, detail
+    windows = [module._predict(images[:, y:y + 32], False)[0]  # pylint: disable=protected-access
+               for y in (0, 16, 32)]
+    return context, attention, windows
 
-  context, attention, detail = whole.apply(variables, images, method=parts)
-  up = lambda x: jax.image.resize(x, (2, 16, 32, x.shape[-1]), "bilinear")
+  context, attention, windows = jax.jit(functools.partial(model.apply, method=parts))(
+      variables, images)
+  detail = np.zeros((2, 16, 16, 8), np.float32)
+  count = np.zeros((16, 1, 1))
+  for window, y in zip(windows, (0, 4, 8)):
+    detail[:, y:y + 8] += np.asarray(window)
+    count[y:y + 8] += 1
+  detail /= count
+  up = lambda x: jax.image.resize(x, (2, 16, 16, x.shape[-1]), "bilinear")
   expected = up(attention) * detail + up((1 - attention) * context)
-  np.testing.assert_allclose(out["logits"], jax.image.resize(expected, (2, 64, 128, 8),
+  np.testing.assert_allclose(out["logits"], jax.image.resize(expected, (2, 64, 64, 8),
                                                              "bilinear"), rtol=1e-4, atol=1e-5)
 
 
 def test_detail_windows_are_drawn_per_example_from_its_global_index():
-  model = _model()
-  images = jax.random.uniform(jax.random.key(0), (8, 64, 128, 3))
-  variables = model.init(jax.random.key(1), images[:1])
+  model = _model(detail_crop=(32, 32))
+  images = jax.random.uniform(jax.random.key(0), (8, 64, 64, 3))
+  variables = jax.jit(model.init)(jax.random.key(1), images[:1])
 
   def offsets(num_devices):
     mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
