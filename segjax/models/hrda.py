@@ -40,6 +40,7 @@ ImageNet encoder is compared at the same scale.
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from segjax import global_batch
 from segjax.models import layers, segformer
@@ -101,13 +102,13 @@ def average_windows(windows: list[jax.Array], corners: list[tuple[int, int]], he
                     width: int) -> jax.Array:
   """(N, height, width, C): the windows (N, wh, ww, C) placed at `corners` and averaged where
   they overlap (every pixel must be covered)."""
-  total = jnp.zeros((windows[0].shape[0], height, width, windows[0].shape[-1]), windows[0].dtype)
-  count = jnp.zeros((height, width), windows[0].dtype)
+  total, count = 0.0, np.zeros((height, width), np.float32)
   for window, (y, x) in zip(windows, corners):
     wh, ww = window.shape[1:3]
-    total = total.at[:, y:y + wh, x:x + ww].add(window)
-    count = count.at[y:y + wh, x:x + ww].add(1)
-  return total / count[None, :, :, None]
+    # Padded into place (HRDA's F.pad), not scattered: the teacher runs this every step.
+    total = total + jnp.pad(window, ((0, 0), (y, height - y - wh), (x, width - x - ww), (0, 0)))
+    count[y:y + wh, x:x + ww] += 1
+  return total / jnp.asarray(count, windows[0].dtype)[None, :, :, None]
 
 
 class HRDASegmenter(segformer.MiTSegmenter):
