@@ -11,6 +11,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import adapt
@@ -131,26 +132,31 @@ def test_run_once_initialisers_compile_unoptimised_on_the_cpu_only():
     assert parallel.init_compiler_options() is None
 
 
-def test_mit_segmenter_lowered_for_cuda_keeps_grouped_bf16_convolutions():
-  """DAFormer's MiT-B0 training gradient for a GPU: the depthwise convolutions (Mix-FFN, the
-  head's separable ASPP) stay single grouped convolutions (the CPU's shifted products are not
-  used), every convolution in bf16 with model.dtype=bfloat16."""
+@pytest.mark.parametrize("name,expected,grouped_expected", [
+    ("daformer_mitb0", 79, 22),
+    ("hrda_mitb0", 166, 44),  # Two passes of the segmenter, the scale attention's 1x1 convs.
+])
+def test_mit_segmenter_lowered_for_cuda_keeps_grouped_bf16_convolutions(name, expected,
+                                                                          grouped_expected):
+  """DAFormer's and HRDA's MiT-B0 training gradients for a GPU: the depthwise convolutions
+  (Mix-FFN, the head's separable ASPP) stay single grouped convolutions (the CPU's shifted
+  products are not used), every convolution in bf16 with model.dtype=bfloat16."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from segjax import models  # pylint: disable=import-outside-toplevel
   model = models.build_segmenter(ml_collections.ConfigDict(
-      {"name": "daformer_mitb0", "dtype": "bfloat16", "param_dtype": "float32"}), 19)
+      {"name": name, "dtype": "bfloat16", "param_dtype": "float32", "detail_crop": (32, 32)}), 19)
   images = jnp.zeros((2, 64, 64, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
 
   def loss(params, stats, images):
     out, _ = model.apply({"params": params, "batch_stats": stats}, images, train=True,
                          mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
-    return out["logits"].mean()
+    return out["logits"].mean() + out.get("detail_logits", out["logits"]).mean()
 
   with platforms.compiling_for("cuda"):
     text = jax.jit(jax.grad(loss)).trace(variables["params"], variables["batch_stats"],
                                          images).lower(lowering_platforms=("cuda",)).as_text()
   convolutions = [line for line in text.splitlines() if "stablehlo.convolution" in line]
   grouped = [line for line in convolutions if "feature_group_count = 1 " not in line]
-  assert len(convolutions) == 79 and len(grouped) == 22
+  assert len(convolutions) == expected and len(grouped) == grouped_expected
   assert all("bf16" in line for line in convolutions)
