@@ -159,11 +159,12 @@ def _step_costs(config, height, width, batch, num_classes, trace_for):
   batch_spec = {"source": domain(True)}
   if method.uses_target:
     batch_spec["target"] = domain(method.target_labels)
-  train_step = parallel.data_parallel(
-      functools.partial(method.step, axis_name=parallel.DATA_AXIS), mesh,
-      in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
-  lowered = train_step.lower(states, batch_spec, rng)
+  lower = lambda method: parallel.data_parallel(
+      functools.partial(method.step, axis_name=parallel.DATA_AXIS), mesh,
+      in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()),
+      donate_argnums=(0,)).lower(states, batch_spec, rng)
+  lowered = lower(method)
   memory = lowered.compile().memory_analysis()
   used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
           + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else -1
@@ -171,10 +172,7 @@ def _step_costs(config, height, width, batch, num_classes, trace_for):
     # The FLOPs of the whole batch in one pass, which accumulation computes too (cost analysis
     # counts a loop's body once).
     config.optim.accumulate_steps = 1
-    lowered = parallel.data_parallel(
-        functools.partial(methods.build(config, num_classes).step, axis_name=parallel.DATA_AXIS),
-        mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()),
-        donate_argnums=(0,)).lower(states, batch_spec, rng)
+    lowered = lower(methods.build(config, num_classes))
   # The program as traced, before XLA:CPU rewrites it: the CPU expands a grouped convolution's
   # kernel gradient into a dense one (30x the FLOPs of a depthwise 3x3's), which a GPU does not.
   flops = float(lowered.cost_analysis()["flops"])
