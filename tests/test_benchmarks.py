@@ -65,3 +65,12 @@ def test_conv_formulations_runs_at_its_tiny_size(cache_dir, tmp_path):
     assert set(row["kernel_grad"]) >= {"xla", "taps"} and row["kernel_grad"]["taps"]["ms"] > 0
     assert row["planned"]["kernel_grad"] in row["kernel_grad"]
   assert "fcd conv1" in proc.stdout
+
+
+def test_step_costs_runs_at_its_tiny_size(cache_dir):
+  proc = _run("step_costs.py", "--tiny", cache_dir=cache_dir)
+  rows = [line for line in proc.stdout.splitlines() if "GFLOPs" in line]
+  assert [row.split()[0] for row in rows] == ["DAFormer", "DAFormer", "HRDA", "MIC"]
+  flops = [float(row.rsplit(": ", 1)[1].split()[0].replace(",", "")) for row in rows]
+  # MIC adds a third student pass; HRDA's two half-size passes cost less than one full one.
+  assert flops[1] > flops[0] > flops[2] > 0 and flops[3] > flops[2]

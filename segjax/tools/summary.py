@@ -133,16 +133,17 @@ def summarize(config, height: int, width: int, batch: int, num_classes: int,
 
 
 def step_costs(config, height: int, width: int, batch: int, num_classes: int,
-               trace_for: str = "cuda") -> dict:
+               trace_for: str = "cuda", with_memory: bool = True) -> dict:
   """FLOPs and bytes of the config's training step as `segjax.train` builds it on one device,
   for `batch` images of height x width per domain, traced for `trace_for`
   (`segjax.platforms`): the FLOPs from XLA's cost analysis of the traced program, the bytes
-  from its memory analysis compiled by this machine's backend (see `compiled_costs`)."""
+  from its memory analysis compiled by this machine's backend (see `compiled_costs`; without
+  `with_memory` nothing is compiled and the bytes are -1)."""
   with platforms.compiling_for(trace_for):
-    return _step_costs(config, height, width, batch, num_classes, trace_for)
+    return _step_costs(config, height, width, batch, num_classes, trace_for, with_memory)
 
 
-def _step_costs(config, height, width, batch, num_classes, trace_for):
+def _step_costs(config, height, width, batch, num_classes, trace_for, with_memory):
   config = config.copy_and_resolve_references()
   config.data.crop_size = (height, width)
   config.batch_size = batch
@@ -165,9 +166,11 @@ def _step_costs(config, height, width, batch, num_classes, trace_for):
       in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()),
       donate_argnums=(0,)).lower(states, batch_spec, rng)
   lowered = lower(method)
-  memory = lowered.compile().memory_analysis()
-  used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-          + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else -1
+  used = -1
+  if with_memory:
+    memory = lowered.compile().memory_analysis()
+    used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else -1
   if config.optim.get("accumulate_steps", 1) > 1:
     # The FLOPs of the whole batch in one pass, which accumulation computes too (cost analysis
     # counts a loop's body once).
