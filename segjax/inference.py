@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from segjax.models import layers
+
 
 @dataclasses.dataclass(frozen=True)
 class Inference:
@@ -48,9 +50,7 @@ class Inference:
 
 
 def _resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  if tuple(x.shape[1:3]) == tuple(size):
-    return x
-  return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), "linear", antialias=False)
+  return layers.resize_bilinear(x, *size)
 
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:

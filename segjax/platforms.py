@@ -26,6 +26,11 @@ def compiling_for(platform: str):
     _PLATFORM.reset(token)
 
 
+# What `segjax.export` traces for: lax's operations (no XLA:CPU formulations), and resizes
+# written as gathers and interpolations, which every converter maps to its own operations.
+EXPORT = "export"
+
+
 def compile_platform() -> str:
   """The platform being traced for: `compiling_for`'s, else the default backend."""
   return _PLATFORM.get() or jax.default_backend()
@@ -34,3 +39,8 @@ def compile_platform() -> str:
 def cpu_kernels() -> bool:
   """Whether to trace the XLA:CPU formulations of `segjax.models.fast_ops`."""
   return compile_platform() == "cpu"
+
+
+def exporting() -> bool:
+  """Whether the trace is `segjax.export`'s (`compiling_for(EXPORT)`)."""
+  return compile_platform() == EXPORT

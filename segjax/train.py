@@ -130,12 +130,14 @@ def _train_with(config, workdir, is_primary, mesh, info, method, ckpt) -> dict[s
   eval_step = evaluation.make_eval_step(config, info.num_classes, mesh)
   step_rng = parallel.make_replicated(lambda: step_rng, mesh)
   all_finite = jax.jit(_all_finite)
-  compiled = parallel.compile_all(
-      {"train_step": train_step, "eval_step": eval_step},
-      {"train_step": (states, parallel.global_batch_spec(train_batches[0], mesh), step_rng),
-       "eval_step": (states["seg"], parallel.global_batch_spec(eval_ds[0], mesh),
-                     evaluation.confusion_spec(info.num_classes, mesh))})
-  train_step, eval_step = compiled["train_step"], compiled["eval_step"]
+  to_compile, args = {"eval_step": eval_step}, {"eval_step": (
+      states["seg"], parallel.global_batch_spec(eval_ds[0], mesh),
+      evaluation.confusion_spec(info.num_classes, mesh))}
+  if start_step < config.num_train_steps:  # A finished run only evaluates: no training compile.
+    to_compile["train_step"] = train_step
+    args["train_step"] = (states, parallel.global_batch_spec(train_batches[0], mesh), step_rng)
+  compiled = parallel.compile_all(to_compile, args)
+  train_step, eval_step = compiled.get("train_step"), compiled["eval_step"]
 
   def run_eval(state, step: int, write: bool = True) -> dict[str, float]:
     confusion, samples = evaluation.evaluate(eval_step, state, eval_ds, mesh, info.num_classes,

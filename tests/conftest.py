@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import subprocess
 import sys
 
 import pytest
@@ -53,3 +54,33 @@ def reference_run(tmp_path_factory, cache_dir):
       stderr_file.write_text(e2e.run_main(str(workdir), cache_dir).stderr, encoding="utf-8")
   return str(workdir), stderr_file.read_text(encoding="utf-8")
 
+
+
+@pytest.fixture(scope="session")
+def cityscapes_run(tmp_path_factory, cache_dir):
+  """The workdir of configs/test_cityscapes.py's two-step run on the Cityscapes fixture,
+  trained by `python -m segjax.main` on one device; shared by the workers as `reference_run`."""
+  import e2e  # pylint: disable=import-outside-toplevel
+  import needs  # pylint: disable=import-outside-toplevel
+  needs.fixtures("cityscapes/gtFine")
+  fixture = os.path.join(needs.fixtures_root(), "cityscapes")
+
+  def train(workdir: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "segjax.main", f"--config=configs/test_cityscapes.py:{fixture}",
+         f"--workdir={workdir}"], cwd=e2e.REPO_ROOT, env=e2e.env(1, cache_dir),
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    workdir = str(tmp_path_factory.mktemp("cityscapes_run"))
+    train(workdir)
+    return workdir
+  shared = tmp_path_factory.getbasetemp().parent
+  workdir, done = shared / "cityscapes_run", shared / "cityscapes_run.done"
+  with open(shared / "cityscapes_run.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      train(str(workdir))
+      done.touch()
+  return str(workdir)

@@ -109,7 +109,9 @@ def _first_step(config, num_devices: int):
   return jax.device_get(states), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("method", ["source_only", "self_training"])
+# self_training's three passes (41 s) run with the slow tests.
+@pytest.mark.parametrize("method", ["source_only",
+                                    pytest.param("self_training", marks=pytest.mark.slow)])
 def test_accumulating_k_micro_batches_equals_k_devices_with_their_own_batch_norm(method):
   """The methods' steps: each micro-batch is normalised by its own BatchNorm statistics, as
   each device is without model.sync_batch_stats, so the two agree; dropout on."""

@@ -74,3 +74,15 @@ def test_step_costs_runs_at_its_tiny_size(cache_dir):
   flops = [float(row.rsplit(": ", 1)[1].split()[0].replace(",", "")) for row in rows]
   # MIC adds a third student pass; HRDA's two half-size passes cost less than one full one.
   assert flops[1] > flops[0] > flops[2] > 0 and flops[3] > flops[2]
+
+
+def test_inference_speed_runs_every_path_at_its_tiny_size(cache_dir, tmp_path):
+  needs.shared("bench/peers/bench_torch.py")
+  needs.package("torch", "the inference benchmark's peer is PyTorch")
+  out = tmp_path / "rows.jsonl"
+  proc = _run("inference_speed.py", "--tiny", f"--out={out}", cache_dir=cache_dir)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [row["path"] for row in rows] == ["jax", "onnx", "tflite", "tflite_int8", "torch"]
+  assert all(row["model"] == "bisenet_r18" and row["hw"] == "64x128" and row["median_ms"] > 0
+             for row in rows)
+  assert "| bisenet_r18 | 64x128 |" in proc.stdout

@@ -20,7 +20,10 @@ from segjax import cli
 OWN_FLAGS = {
     "segjax.main": ("config", "workdir", "coordinator_address", "num_processes", "process_id"),
     "segjax.evaluate": ("config", "workdir", "checkpoint", "state", "save_predictions"),
-    "segjax.predict": ("config", "workdir", "checkpoint", "state", "input", "output"),
+    "segjax.predict": ("config", "workdir", "checkpoint", "state", "model", "input", "video",
+                       "output", "batch_size"),
+    "segjax.export": ("config", "workdir", "checkpoint", "state", "format", "size", "batch",
+                      "quantize", "calibration_images", "verify_images", "output", "platforms"),
     "segjax.tools.cache_data": ("config", "fields"),
     "segjax.tools.category_stats": ("config", "out", "max_examples"),
     "segjax.tools.check_data": ("config", "fields", "show"),
@@ -81,6 +84,9 @@ def ran(cache_dir, tmp_path_factory):
                            "--config.model.name=nope"]),
       ("segjax.tools.summary", ["--config=configs/test.py", "--config.model.name=nope"]),
       ("segjax.main", [*main, "--config.adapt.method=source_only"]),
+      ("segjax.export", ["--config=configs/test.py", f"--workdir={tmp}", "--format=onnx",
+                         "--size=512"]),
+      ("segjax.predict", [f"--input={tmp}", f"--output={tmp / 'out'}"]),
   ]
   results = commands.run([(module, ["--help"]) for module in OWN_FLAGS] + errors, cache_dir,
                          devices=8)
@@ -100,7 +106,8 @@ def test_every_commands_help_lists_its_own_flags(ran):
 def test_user_errors_are_one_message_with_the_exit_status_of_their_kind(ran):
   results, tmp = ran["errors"], ran["tmp"]
   codes = [proc.returncode for proc in results]
-  assert codes == [2, 2, 2, 1, 1, 1, 2, 1, 2, 1, 2, 2, 1, 1, 1], [p.stderr[-2000:] for p in results]
+  assert codes == [2, 2, 2, 1, 1, 1, 2, 1, 2, 1, 2, 2, 1, 1, 1, 1, 1], \
+      [p.stderr[-2000:] for p in results]
   assert _error_line(results[0]).startswith(
       "error: segjax.main: --config.not_a_field: config.not_a_field is not a field; the fields "
       "of config are adapt, batch_size,")
@@ -138,6 +145,11 @@ def test_user_errors_are_one_message_with_the_exit_status_of_their_kind(ran):
       "source_only are none, and config.adapt must hold them and no others: use a config built "
       "for source_only (configs/source_only.py), or build config.adapt with "
       "segjax.methods.adapt_config('source_only', FIELD=VALUE, ...).")
+  assert _error_line(results[15]) == (
+      "error: segjax.export: --size='512': expected HEIGHTxWIDTH, e.g. --size=512x1024.")
+  assert _error_line(results[16]) == (
+      "error: segjax.predict: No model: give --config and --workdir (a training run's "
+      "checkpoint), or --model (a folder written by segjax.export).")
 
 
 @pytest.mark.parametrize("path,expected", [

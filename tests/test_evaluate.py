@@ -31,17 +31,10 @@ TRAINED_STEP = 2  # configs/test_cityscapes.py: num_train_steps, evaluated and c
 TOLERANCE = 1e-6
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, cache_dir):
+@pytest.fixture(name="trained_run")
+def fixture_trained_run(cityscapes_run):
   """The workdir of a two-step run on the fixture, trained by `python -m segjax.main`."""
-  needs.fixtures("cityscapes/gtFine")
-  workdir = str(tmp_path_factory.mktemp("cityscapes_run"))
-  proc = subprocess.run(
-      [sys.executable, "-m", "segjax.main", f"--config=configs/test_cityscapes.py:{FIXTURE}",
-       f"--workdir={workdir}"], cwd=e2e.REPO_ROOT, env=e2e.env(1, cache_dir),
-      capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  return workdir
+  return cityscapes_run
 
 
 def _config(split: str = "val"):
@@ -224,7 +217,8 @@ def _write_inputs(folder) -> dict[str, tuple[int, int]]:
 def test_predict_writes_label_maps_colours_and_overlays(trained_run, tmp_path):
   inputs, out = tmp_path / "inputs", tmp_path / "out"
   sizes = _write_inputs(inputs)
-  done = predict.predict_folder(_config(), trained_run, str(inputs), str(out), "best")
+  predictor = predict.CheckpointPredictor(_config(), trained_run, "best")
+  done = predict.predict_folder(predictor, str(inputs), str(out))
   assert done == predict.Predicted(written=len(sizes), unreadable=[])
   to_label_id = np.zeros(256, np.uint8)
   for train_id, label_id in labels_lib.CITYSCAPES_TRAIN_TO_ID.items():
@@ -249,18 +243,18 @@ def test_predict_writes_label_maps_colours_and_overlays(trained_run, tmp_path):
 
 
 def test_predict_errors_name_the_folder_or_file(trained_run, tmp_path):
-  config = _config()
+  predictor = predict.CheckpointPredictor(_config(), trained_run)
   with pytest.raises(data.DataError, match=r"--input=.*missing is not a directory"):
-    predict.predict_folder(config, trained_run, str(tmp_path / "missing"), str(tmp_path / "o"))
+    predict.predict_folder(predictor, str(tmp_path / "missing"), str(tmp_path / "o"))
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "readme.txt").write_text("no images here")
   with pytest.raises(data.DataError,
                      match=r"No images \(.png, .jpg, .jpeg\) under --input=.*empty"):
-    predict.predict_folder(config, trained_run, str(tmp_path / "empty"), str(tmp_path / "o"))
+    predict.predict_folder(predictor, str(tmp_path / "empty"), str(tmp_path / "o"))
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG not really")
   with pytest.raises(data.DataError, match=r"Cannot read the image .*bad/broken.png"):
-    predict.predict_folder(config, trained_run, str(tmp_path / "bad"), str(tmp_path / "o"))
+    predict.predict_folder(predictor, str(tmp_path / "bad"), str(tmp_path / "o"))
 
 
 def test_a_checkpoint_of_another_model_names_what_differs(trained_run):

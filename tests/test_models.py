@@ -50,11 +50,12 @@ def test_every_registered_segmenter_is_trained_by_a_test():
 
 @pytest.mark.parametrize("name", [
     # 30-100 s each: benchmarks/slow_tests.py. FCN-16s (VGG16 and the pool4 skip) stands for
-    # FCN-8s and FCN-32s in CI, whose paper recipes run with the slow tests; the MiT segmenters'
-    # outputs at an odd size are checked in CI by tests/test_mit.py, their training step by
-    # tests/test_daformer.py's slow test.
+    # FCN-8s and FCN-32s in CI, whose paper recipes run with the slow tests; DeepLabV3+-R50's
+    # forward at an odd size is checked in CI against the PyTorch peer by
+    # tests/test_bisenet_deeplab.py; the MiT segmenters' outputs at an odd size by
+    # tests/test_mit.py, their training step by tests/test_daformer.py's slow test.
     pytest.param(n, marks=pytest.mark.slow)
-    if n in ("bisenet_r101", "fcn32s_vgg16") or "_mitb" in n
+    if n in ("bisenet_r101", "fcn32s_vgg16", "deeplabv3plus_r50") or "_mitb" in n
     else n
     for n in sorted(set(models.SEGMENTERS) - TRAINED_BY_RECIPES)])
 def test_segmenter_trains_at_an_odd_input_size(name):

@@ -403,7 +403,15 @@ def _depthwise_taps(x, kernel, *, strides, padding, dilation):
 # ------------------------------------------------------------------------------ max pooling
 
 def max_pool(x, window: int, stride: int, padding: tuple[tuple[int, int], tuple[int, int]]):
-  """Max pooling of NHWC maps (padding with -inf); on XLA:CPU with a scatter-free gradient."""
+  """Max pooling of NHWC maps (padding with -inf); on XLA:CPU with a scatter-free gradient.
+
+  Traced for `segjax.export`, the map is padded with copies of its edges instead,
+  which gives the same maxima (a window reaching into the padding holds the
+  edge it copies): -inf gives TFLite's int8 quantisation an infinite range.
+  """
+  if platforms.exporting():
+    edges = jnp.pad(x, ((0, 0), *padding, (0, 0)), mode="edge")
+    return _reduce_max(edges, window, stride, ((0, 0), (0, 0)))
   if platforms.cpu_kernels():
     return _max_pool_cpu(x, window, stride, padding)
   return _reduce_max(x, window, stride, padding)

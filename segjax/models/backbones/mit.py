@@ -100,7 +100,7 @@ class MixFFN(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = _dense(self.hidden, "fc1", **kw)(x)
     y = _conv(self.hidden, 3, 1, 1, "dwconv_dwconv", groups=self.hidden, **kw)(y)
-    y = nn.gelu(y, approximate=False)
+    y = layers.gelu(y)
     return _dense(x.shape[-1], "fc2", **kw)(y)
 
 
