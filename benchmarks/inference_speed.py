@@ -108,8 +108,11 @@ def run_path(args, model: str, path: str, hw: str) -> dict:
   if args.tiny:
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-  if proc.returncode:
-    raise RuntimeError(f"{model} {hw} {path} failed:\n{proc.stderr[-4000:]}")
+  if proc.returncode:  # Reported in the table; the other paths still run.
+    why = ("killed: out of memory" if proc.returncode in (-9, 137)
+           else f"exit status {proc.returncode}")
+    print(f"{model} {hw} {path} failed ({why}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return {"model": model, "path": path, "hw": hw, "failed": why}
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -144,8 +147,7 @@ def main():
     records = {}
     for path in args.paths:
       records[path] = run_path(args, model, path, hw)
-      print(f"{model:18s} {hw:9s} {path:12s} {records[path]['median_ms']:9.1f} ms "
-            f"{records[path]['fps']:7.2f} FPS", flush=True)
+      print(f"{model:18s} {hw:9s} {path:12s} {_cell(records[path])}", flush=True)
       if args.out:
         with open(args.out, "a", encoding="utf-8") as f:
           f.write(json.dumps(records[path]) + "\n")
@@ -155,8 +157,13 @@ def main():
   print("| model | size | " + " | ".join(args.paths) + " |")
   print("|---|---|" + "---|" * len(args.paths))
   for model, hw, records in table:
-    cells = [f"{records[p]['median_ms']:.0f} ({records[p]['fps']:.1f})" for p in args.paths]
-    print(f"| {model} | {hw} | " + " | ".join(cells) + " |")
+    print(f"| {model} | {hw} | " + " | ".join(_cell(records[p]) for p in args.paths) + " |")
+
+
+def _cell(record: dict) -> str:
+  if "failed" in record:
+    return record["failed"]
+  return f"{record['median_ms']:.0f} ({record['fps']:.2f})"
 
 
 if __name__ == "__main__":

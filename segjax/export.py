@@ -35,7 +35,8 @@ The artifact is a folder (--output, default
 palette, mean and std, Cityscapes label ids, the checkpoint, and the
 verification below. It is built in a hidden folder beside --output and renamed
 into place only when complete: a failed or interrupted export leaves no partial
-artifact (and an earlier artifact at --output stays until the new one is whole).
+artifact (and an earlier artifact at --output stays until the new one is whole);
+the hidden folder of an export killed outright is removed by the next one.
 
 Verification: the artifact is reloaded, as a consumer would, and run on
 --verify_images images of data.target (others than the calibration images
@@ -49,6 +50,7 @@ figures (`python -m segjax.export` prints them).
 """
 
 import dataclasses
+import glob
 import importlib
 import importlib.metadata
 import json
@@ -384,7 +386,12 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str, size: tupl
   output = output or default_output(workdir, fmt, quantize, size)
   parent = os.path.dirname(os.path.abspath(output))
   os.makedirs(parent, exist_ok=True)
-  folder = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
+  partial_prefix = f".{os.path.basename(output)}.partial-"
+  for stale in glob.glob(os.path.join(parent, glob.escape(partial_prefix) + "*")):
+    # Left by an export that was killed (SIGKILL, out of memory); never a finished artifact.
+    logging.warning("Removing %s, left by an interrupted export.", stale)
+    shutil.rmtree(stale, ignore_errors=True)
+  folder = tempfile.mkdtemp(prefix=partial_prefix, dir=parent)
   os.chmod(folder, 0o755)  # mkdtemp makes it private; the artifact is for others to read.
   try:
     with platforms.compiling_for(platforms.EXPORT):  # Lax's operations; resizes as gathers.

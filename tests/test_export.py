@@ -148,10 +148,15 @@ def test_a_format_that_cannot_express_an_operation_names_it_and_leaves_nothing(
     with pytest.raises(export.ExportError,
                        match=rf"--format={fmt} cannot express the operations vhlo.sort_v1"):
       export.export(_config(), cityscapes_run, fmt, SIZE, output=str(tmp_path / "model"))
-  # The earlier artifact is untouched, and no partial folder is left beside it.
-  assert os.listdir(tmp_path) == ["model"]
   assert before == {name: os.path.getmtime(os.path.join(earlier, name))
                     for name in os.listdir(earlier)}
+  # The earlier artifact is untouched, and no partial folder is left beside it.
+  assert os.listdir(tmp_path) == ["model"]
+  # A folder left by an export killed outright (SIGKILL: nothing could clean it) goes next time.
+  (tmp_path / ".model.partial-dead" / "half").mkdir(parents=True)
+  monkeypatch.setattr(export, "scores_fn", scores_fn)
+  export.export(_config(), cityscapes_run, "stablehlo", SIZE, output=str(tmp_path / "model"))
+  assert os.listdir(tmp_path) == ["model"]
 
 
 def test_an_artifact_that_disagrees_with_the_model_is_not_written(cityscapes_run, tmp_path,

@@ -21,7 +21,12 @@ Layouts, told apart by the keys (`detect_layout`):
     a bare state dict: `patch_embed1.proj.weight`, `block1.0.attn.kv.weight`);
   * 'hf_segformer': Hugging Face's SegFormer (`encoder.patch_embeddings.0...`,
     `encoder.block.0.0.attention.self.query...`, under 'segformer.' in the
-    `SegformerFor...` models), which a `KeyMap` converter renames to 'mit'.
+    `SegformerFor...` models), which a `KeyMap` converter renames to 'mit';
+  * 'dinov2': the official DINOv2 ViTs (`dinov2_vits14_pretrain.pth`, ...
+    `_reg4_`: `blocks.0.attn.qkv.weight`, `blocks.0.ls1.gamma`);
+  * 'hf_dinov2': Hugging Face's `Dinov2Model` and `Dinov2WithRegistersModel`
+    (`embeddings.patch_embeddings.projection...`, `encoder.layer.0.attention
+    .attention.query...`), which `vit.from_hugging_face` renames to 'dinov2'.
 
 A backbone module names its variables so that `torch_key(path)` gives the key
 of each; the loader converts layouts (OIHW -> HWIO, a Linear matrix -> the
@@ -35,6 +40,7 @@ import collections
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -47,14 +53,20 @@ TORCHVISION = "torchvision"
 CAFFE = "caffe"
 MIT = "mit"
 HF_SEGFORMER = "hf_segformer"
+DINOV2 = "dinov2"
+HF_DINOV2 = "hf_dinov2"
 LAYOUTS = {
     TORCHVISION: "torchvision's layout (its ResNets stride in each bottleneck's 3x3 convolution)",
     CAFFE: "the Caffe-converted DeepLab layout ('Scale.' keys; its ResNet strides in each "
            "bottleneck's 1x1 convolution)",
     MIT: "the official SegFormer MiT layout ('patch_embed1.proj.weight', 'block1.0.attn.kv')",
     HF_SEGFORMER: "Hugging Face's SegFormer layout ('encoder.patch_embeddings.0.proj.weight')",
+    DINOV2: "the official DINOv2 ViT layout ('blocks.0.attn.qkv.weight', 'blocks.0.ls1.gamma')",
+    HF_DINOV2: "Hugging Face's DINOv2 layout "
+               "('embeddings.patch_embeddings.projection.weight')",
 }
-KEY_PREFIXES = {TORCHVISION: "", CAFFE: "Scale.", MIT: "", HF_SEGFORMER: ""}
+KEY_PREFIXES = {TORCHVISION: "", CAFFE: "Scale.", MIT: "", HF_SEGFORMER: "", DINOV2: "",
+                HF_DINOV2: ""}
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -66,6 +78,11 @@ def detect_layout(keys: Iterable[str]) -> str:
     return HF_SEGFORMER
   if any(k.startswith("patch_embed1.") for k in keys):
     return MIT
+  if any(re.sub(r"^dinov2(_with_registers)?\.", "", k).startswith(
+      "embeddings.patch_embeddings.projection.") for k in keys):
+    return HF_DINOV2
+  if any(k.startswith("blocks.") and k.endswith(".ls1.gamma") for k in keys):
+    return DINOV2
   return TORCHVISION
 
 
@@ -256,7 +273,7 @@ def load_backbone(variables: dict, path: str, torch_key: Callable[[tuple[str, ..
     readable = " or ".join(LAYOUTS[name] for name in key_map.layouts)
     hint = {CAFFE: " DeepLab-v2 (model.name='deeplabv2_r101') reads it.",
             MIT: " The MiT segmenters (model.name='daformer_mitb5', ...) read it.",
-            HF_SEGFORMER: " The MiT segmenters (model.name='daformer_mitb5', ...) read it."
+            HF_SEGFORMER: " The MiT segmenters (model.name='daformer_mitb5', ...) read it.",
             }.get(layout, "")
     raise ValueError(f"{path} holds {LAYOUTS[layout]}, which this model (model.name) does not "
                      f"read: it reads {readable}.{hint}")

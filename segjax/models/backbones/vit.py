@@ -1,0 +1,273 @@
+"""Vision Transformers with DINOv2's structure and parameter names: ViT-S/14, ViT-B/14, ViT-L/14.
+
+The structure is facebookresearch/dinov2's `vision_transformer.py` (as
+VFM-UDA uses it): a 14x14 stride-14 patch embedding, a class token, optional
+register tokens (the `_reg4` models), learned position embeddings for the
+37x37 grid of the 518x518 pretraining images, resampled bicubically to the
+input's grid, then pre-norm blocks (LayerNorm, multi-head self-attention with
+a fused qkv projection, LayerScale, stochastic depth; LayerNorm, MLP with
+exact GELU, LayerScale, stochastic depth) and a final LayerNorm (eps 1e-6
+everywhere). The tokens are [class, registers..., patches]: the position
+embeddings are added to the class and patch tokens before the registers are
+inserted. An input whose sides are not multiples of 14 is cut to the largest
+multiple, as the stride-14 convolution does.
+
+Position embeddings are resampled as Hugging Face `transformers` does
+(`Dinov2Model`: PyTorch's bicubic, a = -0.75, to the grid's size;
+`Dinov2WithRegistersModel`: with `antialias=True`, PyTorch's antialiased
+cubic filter, a = -0.5), by `resample_matrix`, so that the same weights give
+the same outputs (tests/test_vit.py). facebookresearch/dinov2's own code
+resamples by the scale factor (grid + 0.1) / 37 instead of to the grid's size,
+which moves the embeddings by a fraction of a pixel.
+
+Submodules carry the official names (`patch_embed.proj`, `blocks.0.attn.qkv`,
+`blocks.0.ls1.gamma`, `norm`) with '.' written '_'; `torch_key` maps a
+variable to the key of a `dinov2_vit*14*_pretrain.pth` file, and
+`from_hugging_face` renames a Hugging Face file's keys to them.
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segjax.models import layers, weights
+
+# name -> (width, depth, heads); MLP ratio 4, patch 14, position grid 37x37 everywhere.
+SIZES = {"vit_s14": (384, 12, 6), "vit_b14": (768, 12, 12), "vit_l14": (1024, 24, 16)}
+PATCH = 14
+GRID = 37  # 518 / 14: the pretraining resolution's patch grid.
+MLP_RATIO = 4
+EPS = 1e-6
+LAYERSCALE_INIT = 1e-5  # DINOv2's init_values; pretrained files replace it.
+
+_dense_init = nn.initializers.truncated_normal(0.02)
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+  """Keys' cubic convolution kernel with parameter `a` (PyTorch: -0.75, antialiased -0.5)."""
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def resample_matrix(size_in: int, size_out: int, antialias: bool) -> np.ndarray:
+  """(size_out, size_in) weights of PyTorch's `interpolate(mode='bicubic',
+  align_corners=False, size=...)` along one axis, `antialias` as given."""
+  scale = size_in / size_out
+  weights = np.zeros((size_out, size_in), np.float64)
+  if antialias:  # PyTorch's separable antialiased filter (as PIL's), a = -0.5.
+    support = 2.0 * scale if scale >= 1 else 2.0
+    inverse = 1.0 / scale if scale >= 1 else 1.0
+    for i in range(size_out):
+      center = scale * (i + 0.5)
+      low = max(int(center - support + 0.5), 0)
+      high = min(int(center + support + 0.5), size_in)
+      taps = _cubic((np.arange(low, high) - center + 0.5) * inverse, -0.5)
+      weights[i, low:high] = taps / taps.sum()
+    return weights
+  for i in range(size_out):  # Four taps around the source position, edges repeated.
+    source = scale * (i + 0.5) - 0.5
+    first = int(np.floor(source))
+    t = source - first
+    taps = _cubic(np.array([t + 1, t, 1 - t, 2 - t]), -0.75)
+    for k, tap in enumerate(taps):
+      weights[i, min(max(first - 1 + k, 0), size_in - 1)] += tap
+  return weights
+
+
+def resample_positions(table: jax.Array, grid: tuple[int, int], antialias: bool) -> jax.Array:
+  """The (G*G, D) position embeddings of the pretraining grid resampled to `grid` (h, w):
+  (h*w, D), in float32 as Hugging Face computes them."""
+  if grid == (GRID, GRID):
+    return table
+  square = table.astype(jnp.float32).reshape(GRID, GRID, -1)
+  rows = jnp.asarray(resample_matrix(GRID, grid[0], antialias), jnp.float32)
+  cols = jnp.asarray(resample_matrix(GRID, grid[1], antialias), jnp.float32)
+  resampled = jnp.einsum("hy,yxd,wx->hwd", rows, square, cols,
+                         precision=jax.lax.Precision.HIGHEST)
+  return resampled.reshape(grid[0] * grid[1], -1).astype(table.dtype)
+
+
+class Attention(nn.Module):
+  heads: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, tokens, width = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
+    qkv = nn.Dense(3 * width, name="qkv", **kw)(x)
+    q, k, v = jnp.split(qkv.reshape(n, tokens, 3, self.heads, width // self.heads), 3, axis=2)
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    return nn.Dense(width, name="proj", **kw)(out.reshape(n, tokens, width))
+
+
+class LayerScale(nn.Module):
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gamma = self.param("gamma", nn.initializers.constant(LAYERSCALE_INIT), (x.shape[-1],))
+    return x * gamma.astype(x.dtype)
+
+
+class Block(nn.Module):
+  heads: int
+  drop_path: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda name: nn.LayerNorm(epsilon=EPS, name=name, **kw)
+    drop = layers.DropPath(self.drop_path, deterministic=not train)
+    y = Attention(self.heads, name="attn", **kw)(norm("norm1")(x))
+    x = x + drop(LayerScale(name="ls1")(y))
+    y = nn.Dense(MLP_RATIO * x.shape[-1], name="mlp_fc1", kernel_init=_dense_init, **kw)(
+        norm("norm2")(x))
+    y = nn.Dense(x.shape[-1], name="mlp_fc2", kernel_init=_dense_init, **kw)(layers.gelu(y))
+    return x + drop(LayerScale(name="ls2")(y))
+
+
+class VisionTransformer(nn.Module):
+  """Returns {'tokens': (N, 1 + R + h*w, D) after the final LayerNorm, 'layers': each block's
+  output (N, 1 + R + h*w, D) before it, 'grid': (h, w)} for images (N, H, W, 3), h = H // 14.
+
+  `mask` (N, h*w) bool replaces those patch tokens by the learned mask token
+  before the position embeddings are added (DINOv2's and VFM-UDA's token
+  masking). `drop_path_rate` is the last block's rate, rising linearly from 0.
+  `pos_antialias`: Hugging Face's resampling of the position embeddings for
+  `Dinov2WithRegistersModel` (True) or `Dinov2Model` (False).
+  """
+  size: str = "vit_s14"
+  registers: int = 0
+  drop_path_rate: float = 0.0
+  pos_antialias: bool = False
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> dict:
+    if self.size not in SIZES:
+      raise ValueError(f"Unknown ViT size {self.size!r}; expected one of {sorted(SIZES)}.")
+    width, depth, heads = SIZES[self.size]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    n, height, image_width = x.shape[:3]
+    grid = (height // PATCH, image_width // PATCH)
+    if min(grid) < 1:
+      raise ValueError(f"Images of {height}x{image_width} are smaller than one {PATCH}x{PATCH} "
+                       "patch.")
+    patches = nn.Conv(width, (PATCH, PATCH), strides=(PATCH, PATCH), padding="VALID",
+                      name="patch_embed_proj", **kw)(x.astype(self.dtype))
+    patches = patches.reshape(n, grid[0] * grid[1], width)
+    mask_token = self.param("mask_token", nn.initializers.zeros, (1, 1, width), self.param_dtype)
+    if mask is not None:
+      patches = jnp.where(mask[..., None], mask_token.astype(patches.dtype), patches)
+    cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, width), self.param_dtype)
+    positions = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
+                           (1, 1 + GRID * GRID, width), self.param_dtype)
+    table = jnp.concatenate([positions[0, :1],
+                             resample_positions(positions[0, 1:], grid, self.pos_antialias)])
+    tokens = jnp.concatenate([jnp.broadcast_to(cls.astype(patches.dtype), (n, 1, width)),
+                              patches], axis=1) + table.astype(patches.dtype)
+    if self.registers:
+      registers = self.param("register_tokens", nn.initializers.normal(1e-6),
+                             (1, self.registers, width), self.param_dtype)
+      tokens = jnp.concatenate([tokens[:, :1], jnp.broadcast_to(
+          registers.astype(tokens.dtype), (n, self.registers, width)), tokens[:, 1:]], axis=1)
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    rates = np.linspace(0.0, self.drop_path_rate, depth)
+    outputs = []
+    for i in range(depth):
+      tokens = block_cls(heads, float(rates[i]), name=f"blocks_{i}", **kw)(tokens, train)
+      outputs.append(tokens)
+    tokens = nn.LayerNorm(epsilon=EPS, name="norm", **kw)(tokens)
+    return {"tokens": tokens, "layers": outputs, "grid": grid}
+
+  def patch_maps(self, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """The patch tokens of (N, 1 + R + h*w, D) as a map (N, h, w, D)."""
+    return tokens[:, 1 + self.registers:].reshape(tokens.shape[0], *grid, tokens.shape[-1])
+
+  @staticmethod
+  def width(size: str) -> int:
+    return SIZES[size][0]
+
+  @staticmethod
+  def torch_key(path: tuple[str, ...]) -> str:
+    """The official DINOv2 key of the variable at `path` (inside this module)."""
+    *modules, leaf = path
+    if not modules:  # cls_token, pos_embed, mask_token, register_tokens.
+      return leaf
+    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "gamma": "gamma"}[leaf]
+    parts = []
+    for module in modules:
+      module = re.sub(r"^blocks_(\d+)$", r"blocks.\1", module)
+      parts.append(module.replace("patch_embed_proj", "patch_embed.proj")
+                   .replace("mlp_fc", "mlp.fc"))
+    return ".".join(parts + [leaf])
+
+
+def is_encoder_key(key: str) -> bool:
+  """Whether an official-layout key belongs to the encoder (not to a classifier head)."""
+  return re.match(r"(cls_token|pos_embed|mask_token|register_tokens|patch_embed\.|blocks\.|"
+                  r"norm\.)", key) is not None
+
+
+def from_official(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """An official DINOv2 state dict with the shapes the model keeps: mask_token (1, 1, D)."""
+  out = dict(tensors)
+  if "mask_token" in out:
+    out["mask_token"] = out["mask_token"].reshape(1, 1, -1)
+  return out
+
+
+_HF_RENAMES = (
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.mask_token$", "mask_token"),
+    (r"^embeddings\.register_tokens$", "register_tokens"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.norm(\d)\.", r"blocks.\1.norm\2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.fc(\d)\.", r"blocks.\1.mlp.fc\2."),
+    (r"^layernorm\.", "norm."),
+)
+
+
+def from_hugging_face(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel` state dict with the official
+  keys: query, key and value become one `qkv` (in that order). Other keys keep their names,
+  so the loader reports them as unused."""
+  out, qkv = {}, {}
+  for key, value in tensors.items():
+    name = re.sub(r"^dinov2(_with_registers)?\.", "", key)
+    part = re.match(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\."
+                    r"(weight|bias)$", name)
+    if part:
+      qkv.setdefault(f"blocks.{part[1]}.attn.qkv.{part[3]}", {})[part[2]] = value
+      continue
+    for pattern, replace in _HF_RENAMES:
+      renamed = re.sub(pattern, replace, name)
+      if renamed != name:
+        out[renamed] = value
+        break
+    else:
+      out[key] = value
+  for name, parts in qkv.items():
+    if set(parts) != {"query", "key", "value"}:
+      raise ValueError(f"The Hugging Face file has only the {sorted(parts)} of {name}.")
+    out[name] = np.concatenate([parts["query"], parts["key"], parts["value"]], axis=0)
+  return from_official(out)
+
+
+# Where the encoder's variables are in the files users hold (`weights.load_backbone`).
+KEY_MAP = weights.KeyMap(VisionTransformer.torch_key, (weights.DINOV2, weights.HF_DINOV2),
+                         converters={weights.DINOV2: from_official,
+                                     weights.HF_DINOV2: from_hugging_face},
+                         backbone_file_key=is_encoder_key)
