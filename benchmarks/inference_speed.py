@@ -101,6 +101,8 @@ def run_path(args, model: str, path: str, hw: str) -> dict:
     record = speed_vs_torch.run_torch(peer_args, model, "infer", "fp32")
     return {"model": model, "path": path, "hw": hw, "median_ms": record["median_ms"],
             "min_ms": record["min_ms"], "fps": 1e3 / record["median_ms"]}
+  if args.tiny:  # One process for every path: a smoke run, whose times mean nothing.
+    return worker(model, path, tuple(int(v) for v in hw.split("x")), args.warmup, args.iters)
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--rows", f"{model}@{hw}",
          "--paths", path, "--warmup", str(args.warmup), "--iters", str(args.iters)]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS=os.environ.get(
@@ -128,8 +130,8 @@ def main():
                       help="a Python with torch installed (the peer's venv)")
   parser.add_argument("--out", default="", help="also write the records here (JSON lines)")
   parser.add_argument("--tiny", action="store_true",
-                      help="a smoke run: BiSeNet-R18 at 64x128, every path, one frame, XLA's "
-                      "optimizations off; the times mean nothing")
+                      help="a smoke run: BiSeNet-R18 at 64x128, every path, one frame, in this "
+                      "process (the PyTorch peer in its own); the times mean nothing")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.tiny:

@@ -36,6 +36,9 @@ def test_uninterrupted_run_writes_metrics_checkpoints_and_tensorboard(reference_
   assert _committed_checkpoints(workdir)[-2:] == [e2e.NUM_STEPS - 2, e2e.NUM_STEPS]
 
 
+# 140 s: the slow set. CI checks the same resume path on its own: tests/test_preemption.py resumes
+# from a checkpoint before the last (whose metrics lines were already written) and from a signal.
+@pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(reference_run, cache_dir, tmp_path):
   workdir = str(tmp_path / "killed")
   proc = subprocess.Popen(e2e.main_command(workdir), cwd=e2e.REPO_ROOT,
