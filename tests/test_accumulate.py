@@ -120,8 +120,10 @@ def test_accumulating_k_micro_batches_equals_k_devices_with_their_own_batch_norm
   assert set(metrics_a) == set(metrics_d)
   for key in metrics_d:
     np.testing.assert_allclose(metrics_a[key], metrics_d[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  # Float rounding only: with XLA's optimisations on (the slow set) self_training's momentum
+  # differs by up to 2.1e-6 on gradients of 0.04 (measured); a wrong normalisation would be 2x.
   compare = lambda a, b: jax.tree.map(
-      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), a, b)
   compare(accumulated["seg"].params, devices["seg"].params)
   compare(accumulated["seg"].opt_state, devices["seg"].opt_state)
   if method == "self_training":
