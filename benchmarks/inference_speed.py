@@ -40,18 +40,6 @@ PATHS = ("jax", "onnx", "tflite", "tflite_int8", "torch")
 NUM_CLASSES = 19
 
 
-def _model_config(model: str):
-  from configs import default  # pylint: disable=import-outside-toplevel
-  config = default.get_config()
-  config.model.name = model
-  config.model.sync_batch_stats = False
-  if model.startswith("fcn"):
-    config.model.conv1_padding = 1
-  if model.startswith("bisenet"):
-    config.model.aux_heads = False
-  return config
-
-
 def worker(model: str, path: str, hw: tuple[int, int], warmup: int, iters: int) -> dict:
   """Times one path of one model in this process."""
   sys.path.insert(0, REPO_ROOT)
@@ -61,34 +49,29 @@ def worker(model: str, path: str, hw: tuple[int, int], warmup: int, iters: int) 
   from segjax import export, parallel, platforms, steps  # pylint: disable=import-outside-toplevel
   from segjax import states as states_lib  # pylint: disable=import-outside-toplevel
 
-  config = _model_config(model)
+  config = speed_vs_torch.peer_config(model)
   mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
   states, _ = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   seg_state = jax.device_get(states["seg"])
   image = export.target_images(config, 1, hw).astype(np.float32)
-  setup_start = time.perf_counter()
-  if path == "jax":
-    mean, std = tuple(config.data.mean), tuple(config.data.std)
-    fn = jax.jit(lambda state, x: steps.eval_logits(state, x, mean, std))
-    state = jax.device_put(seg_state)
-    run = lambda: fn(state, image).block_until_ready()
-  else:
-    fmt, quantize = ("tflite", "int8") if path == "tflite_int8" else (path, "float32")
-    calibration = export.target_images(config, 8, hw) if quantize == "int8" else None
-    folder = tempfile.mkdtemp(prefix="segjax_speed_")
-    with platforms.compiling_for(platforms.EXPORT):
-      fn = export.scores_fn(config, seg_state, hw)
-      export.WRITERS[fmt](fn, folder, hw, 1, quantize, calibration, ("cpu",))
-    model_run = export.runtime(fmt, os.path.join(folder, export.MODEL_FILES[fmt]))
-    run = lambda: model_run(image)
-  run()
-  setup_s = time.perf_counter() - setup_start
-  times = []
-  for i in range(warmup + iters):
-    start = time.perf_counter()
+  with tempfile.TemporaryDirectory(prefix="segjax_speed_") as folder:
+    setup_start = time.perf_counter()
+    if path == "jax":
+      mean, std = tuple(config.data.mean), tuple(config.data.std)
+      fn = jax.jit(lambda state, x: steps.eval_logits(state, x, mean, std))
+      state = jax.device_put(seg_state)
+      run = lambda: fn(state, image).block_until_ready()
+    else:
+      fmt, quantize = ("tflite", "int8") if path == "tflite_int8" else (path, "float32")
+      calibration = export.target_images(config, 8, hw) if quantize == "int8" else None
+      with platforms.compiling_for(platforms.EXPORT):
+        fn = export.scores_fn(config, seg_state, hw)
+        export.WRITERS[fmt](fn, folder, hw, 1, quantize, calibration, ("cpu",))
+      model_run = export.runtime(fmt, os.path.join(folder, export.MODEL_FILES[fmt]))
+      run = lambda: model_run(image)
     run()
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
+    setup_s = time.perf_counter() - setup_start
+    times = speed_vs_torch.time_calls(run, warmup, iters)
   median = statistics.median(times)
   return {"model": model, "path": path, "hw": f"{hw[0]}x{hw[1]}", "median_ms": median * 1e3,
           "min_ms": min(times) * 1e3, "fps": 1 / median, "setup_s": setup_s}

@@ -38,6 +38,32 @@ PEER_NAMES = {"bisenet_r18": "bisenet_r18", "fcn8s_vgg16": "fcn8s_vgg16",
 NUM_CLASSES = 19
 
 
+def peer_config(model: str):
+  """The default config with `model` set up to do the peer's work (see the module docstring)."""
+  sys.path.insert(0, REPO_ROOT)
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.model.name = model
+  config.model.sync_batch_stats = False
+  if model.startswith("fcn"):
+    config.model.conv1_padding = 1
+  if model.startswith("bisenet"):
+    config.model.aux_heads = False
+  return config
+
+
+def time_calls(run, warmup: int, iters: int) -> list[float]:
+  """Seconds of each of `iters` calls of `run`, after `warmup` untimed ones."""
+  for _ in range(warmup):
+    run()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return times
+
+
 def jax_worker(model: str, mode: str, dtype: str, batch: int, hw: tuple[int, int],
                warmup: int, iters: int) -> dict:
   """Times segjax's real train/eval functions on one device; returns a result record."""
@@ -48,17 +74,10 @@ def jax_worker(model: str, mode: str, dtype: str, batch: int, hw: tuple[int, int
   from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
-  from configs import default  # pylint: disable=import-outside-toplevel
   from segjax import methods, parallel, steps, states as states_lib  # pylint: disable=import-outside-toplevel
 
-  config = default.get_config()
-  config.model.name = model
+  config = peer_config(model)
   config.model.dtype = "bfloat16" if dtype == "bf16" else "float32"
-  config.model.sync_batch_stats = False
-  if model.startswith("fcn"):
-    config.model.conv1_padding = 1
-  if model.startswith("bisenet"):
-    config.model.aux_heads = False
   config.data.crop_size = hw
   config.optim.seg.update(lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
   config.adapt = (methods.adapt_config("adaptsegnet", lambda_adv=0.001) if mode == "adapt"
@@ -97,12 +116,7 @@ def jax_worker(model: str, mode: str, dtype: str, batch: int, hw: tuple[int, int
       jax.block_until_ready(metrics)
     images_per_step = 2 * batch if mode == "adapt" else batch
 
-  times = []
-  for i in range(warmup + iters):
-    start = time.perf_counter()
-    run()
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
+  times = time_calls(run, warmup, iters)
   median = statistics.median(times)
   return {"framework": "jax", "version": jax.__version__, "model": model, "mode": mode,
           "dtype": dtype, "batch": batch, "hw": f"{height}x{width}",

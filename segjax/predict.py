@@ -132,10 +132,8 @@ class ArtifactPredictor:
 
 
 def _resize(image: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
-  """Bicubic, like the datasets' readers (`segjax.data.files`)."""
-  if not size or image.shape[:2] == tuple(size):
-    return image
-  return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC))
+  """`image` at `size` (bicubic), or as it is for an empty `size` (the native resolution)."""
+  return export.resize_image(image, size) if size else image
 
 
 @dataclasses.dataclass

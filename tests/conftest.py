@@ -35,31 +35,41 @@ def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("jax_cache"))
 
 
+def _once_per_session(tmp_path_factory, name: str, make) -> str:
+  """The folder `name` that `make(folder)` fills once per test session: under pytest-xdist the
+  workers share it through the session's base directory, the first to need it making it under
+  a file lock, the others waiting for it."""
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    folder = str(tmp_path_factory.mktemp(name))
+    make(folder)
+    return folder
+  shared = tmp_path_factory.getbasetemp().parent  # The session's; each worker's is below it.
+  folder, done = shared / name, shared / f"{name}.done"
+  with open(shared / f"{name}.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      make(str(folder))
+      done.touch()
+  return str(folder)
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, cache_dir):
-  """An uninterrupted run on 8 devices: (workdir, its stderr).
-
-  Run once per test session: under pytest-xdist the workers share it through the session's
-  base directory, the first to need it running it under a file lock.
-  """
+  """An uninterrupted run on 8 devices: (workdir, its stderr), run once per session."""
   import e2e  # pylint: disable=import-outside-toplevel
-  if "PYTEST_XDIST_WORKER" not in os.environ:
-    workdir = str(tmp_path_factory.mktemp("reference"))
-    return workdir, e2e.run_main(workdir, cache_dir).stderr
-  shared = tmp_path_factory.getbasetemp().parent  # The session's; each worker's is below it.
-  workdir, stderr_file = shared / "reference_run", shared / "reference_run.stderr"
-  with open(shared / "reference_run.lock", "w", encoding="utf-8") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not stderr_file.exists():
-      stderr_file.write_text(e2e.run_main(str(workdir), cache_dir).stderr, encoding="utf-8")
-  return str(workdir), stderr_file.read_text(encoding="utf-8")
 
+  def run(workdir: str) -> None:
+    with open(f"{workdir}.stderr", "w", encoding="utf-8") as f:
+      f.write(e2e.run_main(workdir, cache_dir).stderr)
+  workdir = _once_per_session(tmp_path_factory, "reference_run", run)
+  with open(f"{workdir}.stderr", encoding="utf-8") as f:
+    return workdir, f.read()
 
 
 @pytest.fixture(scope="session")
 def cityscapes_run(tmp_path_factory, cache_dir):
   """The workdir of configs/test_cityscapes.py's two-step run on the Cityscapes fixture,
-  trained by `python -m segjax.main` on one device; shared by the workers as `reference_run`."""
+  trained by `python -m segjax.main` on one device, once per session."""
   import e2e  # pylint: disable=import-outside-toplevel
   import needs  # pylint: disable=import-outside-toplevel
   needs.fixtures("cityscapes/gtFine")
@@ -71,16 +81,4 @@ def cityscapes_run(tmp_path_factory, cache_dir):
          f"--workdir={workdir}"], cwd=e2e.REPO_ROOT, env=e2e.env(1, cache_dir),
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-
-  if "PYTEST_XDIST_WORKER" not in os.environ:
-    workdir = str(tmp_path_factory.mktemp("cityscapes_run"))
-    train(workdir)
-    return workdir
-  shared = tmp_path_factory.getbasetemp().parent
-  workdir, done = shared / "cityscapes_run", shared / "cityscapes_run.done"
-  with open(shared / "cityscapes_run.lock", "w", encoding="utf-8") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not done.exists():
-      train(str(workdir))
-      done.touch()
-  return str(workdir)
+  return _once_per_session(tmp_path_factory, "cityscapes_run", train)
