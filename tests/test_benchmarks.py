@@ -86,3 +86,16 @@ def test_inference_speed_runs_every_path_at_its_tiny_size(cache_dir, tmp_path):
   assert all(row["model"] == "bisenet_r18" and row["hw"] == "64x128" and row["median_ms"] > 0
              for row in rows)
   assert "| bisenet_r18 | 64x128 |" in proc.stdout
+
+
+def test_train_steps_runs_at_its_tiny_size(cache_dir, tmp_path):
+  out = tmp_path / "rows.jsonl"
+  proc = _run("train_steps.py", "--tiny", "--recipes", "bisenet_adaptsegnet", f"--out={out}",
+              cache_dir=cache_dir)
+  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert "failed" not in row, row
+  assert (row["recipe"], row["method"], row["batch"]) == ("bisenet_adaptsegnet", "adaptsegnet", 2)
+  assert row["sizes"] == {"source": "32x64", "target": "32x64"}
+  assert row["ms_per_step"] > 0 and row["xla_gib"] > 0 and row["gflops"] > 0
+  assert row["compile_s"] > 0 and row["peak_gib"] is None  # The CPU keeps no allocator stats.
+  assert "| bisenet_adaptsegnet | bisenet_r18 | float32 |" in proc.stdout
