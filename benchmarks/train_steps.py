@@ -55,6 +55,9 @@ RECIPES = {
     "hrda_bf16_remat": _recipe("hrda", dtype="bfloat16", remat=True),
     "mic": _recipe("mic"),
     "mic_bf16_remat": _recipe("mic", dtype="bfloat16", remat=True),
+    # VFM-UDA's global batch 8 over 8 GPUs: one source + one target image per device.
+    "vfm_uda_vitb": _recipe("vfm_uda", batch=1),
+    "vfm_uda_vitl_remat": _recipe("vfm_uda", model="vfm_vit_l14", batch=1, remat=True),
 }
 
 
@@ -65,6 +68,10 @@ def recipe_config(name: str, tiny: bool):
   recipe = RECIPES[name]
   config = importlib.import_module(f"configs.{recipe['module']}").get_config(
       None if tiny else ROOTS)
+  if recipe.get("model"):
+    config.model.name = recipe["model"]
+  if recipe.get("batch"):
+    config.batch_size = recipe["batch"]
   if recipe.get("dtype"):
     config.model.dtype = recipe["dtype"]
   if recipe.get("remat"):

@@ -33,16 +33,17 @@ def preprocess(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def _segment(state: TrainState, params, batch_stats, images, rng, train: bool):
+def _segment(state: TrainState, params, batch_stats, images, rng, train: bool, **kwargs):
   """Segmenter forward pass; returns (outputs dict, updated batch_stats).
 
   The outputs follow the contract of `segjax.models`: 'logits', 'aux', ...
+  `kwargs` go to the segmenter (a ViT segmenter's `token_mask`).
   """
   variables = {"params": params, "batch_stats": batch_stats}
   if not train:
-    return state.apply_fn(variables, images, train=False), batch_stats
+    return state.apply_fn(variables, images, train=False, **kwargs), batch_stats
   outputs, updates = state.apply_fn(variables, images, train=True, rngs={"dropout": rng},
-                                    mutable=["batch_stats"])
+                                    mutable=["batch_stats"], **kwargs)
   return outputs, updates["batch_stats"]
 
 

@@ -44,6 +44,10 @@ VARIANTS = {
     "hrda_mic": {"adapt.method": "hrda", "model.name": "hrda_mitb0", "model.detail_crop": (32, 32),
                  "model.drop_path_rate": 0.1, "data.crop_size": (64, 64),
                  "adapt.st_threshold": 0.2, "adapt.mic": True, "adapt.mic_block": 8},
+    # VFM-UDA's step: ViT-S/14 with its lightweight head, token masking, the flip-averaged
+    # teacher, drop path on.
+    "vfm_uda": {"adapt.method": "vfm_uda", "model.name": "vfm_vit_s14",
+                "model.drop_path_rate": 0.1, "adapt.st_threshold": 0.2, "adapt.st_jitter_p": 1.0},
 }
 
 # name -> (its states, its metrics).
@@ -60,6 +64,7 @@ EXPECTED = {
     "mic": ({"seg", "ema"}, {"loss_seg", "loss_mix", "loss_mask", "pseudo_weight", "lr"}),
     "hrda_mic": ({"seg", "ema"}, {"loss_seg", "loss_detail", "loss_mix", "loss_mix_detail",
                                   "loss_mask", "loss_mask_detail", "pseudo_weight", "lr"}),
+    "vfm_uda": ({"seg", "ema"}, {"loss_seg", "loss_mix", "loss_mask", "pseudo_weight", "lr"}),
 }
 
 
@@ -146,11 +151,12 @@ def test_method_step_on_8_devices_equals_1_device(variant):
   assert set(states8) == state_names and set(metrics8) == metric_names
 
 
-def test_a_step_after_a_checkpoint_round_trip_continues_exactly(tmp_path):
+@pytest.mark.parametrize("variant", ["self_training", "vfm_uda"])
+def test_a_step_after_a_checkpoint_round_trip_continues_exactly(variant, tmp_path):
   """Every state (self_training's EMA teacher is a plain dict, not a TrainState) is saved and
   restored, so the step after a resume is that of an uninterrupted run. (TrainStates alone:
   the killed-and-resumed run of tests/test_main.py; mpl's: tests/test_mpl.py.)"""
-  setup, uninterrupted = _one_device("self_training")
+  setup, uninterrupted = _one_device(variant)
   ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=1)
   data_iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
 
@@ -164,7 +170,7 @@ def test_a_step_after_a_checkpoint_round_trip_continues_exactly(tmp_path):
   resumed = _steps(*setup, between=save_and_restore)
   ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
-  assert set(resumed[0]) == EXPECTED["self_training"][0]
+  assert set(resumed[0]) == EXPECTED[variant][0]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -237,7 +243,7 @@ def test_strong_augmentation_keeps_flat_images_flat_and_probability_zero_is_iden
 
 # The configs that take GTA5 (or SYNTHIA) and Cityscapes roots.
 UDA_RECIPES = ("adaptsegnet", "advent", "daformer", "fcn_wild", "hrda", "mic", "mpl",
-               "pseudo_label", "self_training", "source_only")
+               "pseudo_label", "self_training", "source_only", "vfm_uda")
 
 
 def test_every_config_holds_its_methods_fields_and_no_others():

@@ -21,6 +21,8 @@ A method is built from the config (`build`) and provides:
   mpl            Meta Pseudo Labels: a teacher taught by the student's feedback
   self_training  EMA teacher, confidence-weighted pseudo labels, ClassMix (DACS)
   daformer       self_training + ImageNet feature distance, DAFormer's defaults (Hoyer 2022)
+  hrda           daformer at two resolutions with a scale attention (Hoyer 2022b)
+  vfm_uda        daformer's self-training of a DINOv2 ViT with token masking (Englert 2024)
   pseudo_label   offline pseudo labels (median / CBST thresholds) + adversarial (the seed, BDL)
 """
 
@@ -41,6 +43,7 @@ METHODS = {
     "self_training": "segjax.methods.self_training:SelfTraining",
     "daformer": "segjax.methods.daformer:DAFormer",
     "hrda": "segjax.methods.daformer:HRDA",
+    "vfm_uda": "segjax.methods.daformer:VFMUDA",
 }
 
 

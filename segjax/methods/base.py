@@ -152,9 +152,9 @@ def step_rng(rng: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def segment(state: steps.TrainState, params, batch_stats, images: jax.Array, rng,
-            train: bool = True) -> tuple[dict, dict]:
+            train: bool = True, **kwargs) -> tuple[dict, dict]:
   """The segmenter's outputs and updated batch statistics (see steps._segment)."""
-  return steps._segment(state, params, batch_stats, images, rng, train)  # pylint: disable=protected-access
+  return steps._segment(state, params, batch_stats, images, rng, train, **kwargs)  # pylint: disable=protected-access
 
 
 def apply_seg_gradients(state: steps.TrainState, grads, batch_stats,

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from segjax import data, losses, models
+from segjax.data import pipeline
 from segjax.methods import base, self_training
 from segjax.models import weights
 
@@ -211,3 +212,86 @@ class HRDA(DAFormer):
     if not config.model.name.startswith("hrda_"):
       raise ValueError(f"adapt.method='hrda' trains an HRDA segmenter (model.name hrda_mitb0 "
                        f"... hrda_mitb5); got model.name={config.model.name!r}.")
+
+
+def token_mask(key: jax.Array, tokens: int, ratio: float) -> jax.Array:
+  """(tokens,) bool, True where masked: each token masked on its own with probability `ratio`
+  (VFM-UDA's `TokenMasking`: a Bernoulli draw per token, not an exact count)."""
+  return jax.random.uniform(key, (tokens,)) < ratio
+
+
+def flip_averaged_probs(predict, images: jax.Array) -> jax.Array:
+  """The mean of softmax(predict(x)) and its prediction of the mirrored image mirrored back:
+  VFM-UDA's pseudo labels (N, H, W, classes) of images (N, H, W, 3)."""
+  probs = jax.nn.softmax(predict(images), axis=-1)
+  flipped = jax.nn.softmax(predict(images[:, :, ::-1]), axis=-1)[:, :, ::-1]
+  return (probs + flipped) / 2
+
+
+class VFMUDA(DAFormer):
+  """VFM-UDA (Englert et al. 2024, tue-mps/vfm-uda `uda_vit_generic.py`): DAFormer's
+  self-training of a DINOv2 ViT segmenter (`segjax.models.vfm`), with
+
+    * pseudo labels from the teacher's softmax averaged over a horizontal flip
+      (`flip_averaged_probs`); the confidence weight as DAFormer's;
+    * MIC's consistency on masked *tokens*: each target image, strongly
+      augmented (its own colour jitter and blur draws), goes through the
+      student with each patch token replaced by the encoder's mask token with
+      probability `mic_ratio` (0.7), drawn per example from its index in the
+      global batch; its loss against the teacher's pseudo labels of the
+      unmasked image, with their weights, is `loss_mask` (x `mic_lambda`, 1);
+    * no feature distance (`fd_lambda` 0: the vanilla recipe has none);
+    * pseudo labels ignoring the top 3% and bottom 25% of the rows.
+
+  VFM-UDA ignores 3% of the columns on each side of the whole image too,
+  before cropping; here those columns are kept (as HRDA's, see configs/hrda.py).
+  """
+  adapt_fields = {
+      **DAFormer.adapt_fields,
+      "st_ignore_top": 0.03,
+      "st_ignore_bottom": 0.25,
+      "fd_lambda": 0.0,
+      "mic": True,
+      "mic_ratio": 0.7,
+      "st_flip_teacher": True,  # Average the teacher's softmax over a horizontal flip.
+  }
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+    super().__init__(config, num_classes)
+    if not config.model.name.startswith("vfm_"):
+      raise ValueError(f"adapt.method='vfm_uda' masks a ViT segmenter's tokens (model.name "
+                       f"vfm_vit_s14 ... vfm_vit_l14_reg4); got model.name="
+                       f"{config.model.name!r}.")
+    if self.fd_lambda:
+      raise ValueError(f"adapt.fd_lambda={self.adapt.fd_lambda}: VFM-UDA's segmenters have no "
+                       "feature distance here; set it to 0.")
+    self.token_grid = models.segmenter_class(config.model.name)(num_classes).token_grid(
+        *pipeline.crop_size(config, "target"))
+
+  def teacher_probs(self, seg, ema, images):
+    if not self.adapt.st_flip_teacher:
+      return super().teacher_probs(seg, ema, images)
+    variables = {"params": ema["params"], "batch_stats": ema["batch_stats"]}
+    return flip_averaged_probs(
+        lambda x: seg.apply_fn(variables, x, train=False)["logits"], images)
+
+  def target_inputs(self, target_images, pseudo, weights, example_keys):
+    """The strongly augmented target images and their token masks, with the teacher's pseudo
+    labels of the unmasked images."""
+    if not self.mic:
+      return {}
+    keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, 2)))(example_keys)
+    images = self._strong_augment(target_images, keys[:, 0])
+    tokens = self.token_grid[0] * self.token_grid[1]
+    masks = jax.vmap(lambda key: token_mask(key, tokens, self.adapt.mic_ratio))(keys[:, 1])
+    return {"image": images, "token_mask": masks, "label": pseudo, "weight": weights}
+
+  def target_terms(self, seg, params, stats, inputs, rng, axis_name):
+    """`loss_mask`: the student on the target images with masked tokens."""
+    if not self.mic:
+      return 0.0, {}, stats
+    out, stats = base.segment(seg, params, stats, self.preprocess(inputs["image"]),
+                              jax.random.fold_in(rng, 1), token_mask=inputs["token_mask"])
+    loss_mask, parts = self.weighted_loss(out, inputs["label"], inputs["weight"], axis_name,
+                                          "loss_mask")
+    return self.adapt.mic_lambda * loss_mask, parts, stats

@@ -152,6 +152,12 @@ class SelfTraining(base.Method):
       return gaussian_blur(x, blur_key) if self.blur else x
     return jax.vmap(one)(images.astype(jnp.float32), keys)
 
+  def teacher_probs(self, seg: steps.TrainState, ema: dict, images: jax.Array) -> jax.Array:
+    """The teacher's (N, H, W, classes) softmax on the preprocessed target `images`, in
+    inference mode (`segjax.methods.daformer.VFMUDA` averages it over a horizontal flip)."""
+    out, _ = base.segment(seg, ema["params"], ema["batch_stats"], images, None, train=False)
+    return jax.nn.softmax(out["logits"], axis=-1)
+
   def source_terms(self, states: dict, src: dict, src_out: dict, axis_name: str):
     """More loss terms of the student's source pass: (loss, {name: value}); none here
     (`segjax.methods.daformer` adds its feature distance)."""
@@ -186,9 +192,7 @@ class SelfTraining(base.Method):
     mask_keys, aug_keys = jax.vmap(jax.random.split, out_axes=1)(example_keys)
 
     # 1. Pseudo labels of the EMA teacher, weighted by the share of confident pixels.
-    teacher_out, _ = base.segment(seg, ema["params"], ema["batch_stats"],
-                                  self.preprocess(tgt["image"]), None, train=False)
-    probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_out["logits"]), axis=-1)
+    probs = jax.lax.stop_gradient(self.teacher_probs(seg, ema, self.preprocess(tgt["image"])))
     confidence, pseudo = jnp.max(probs, axis=-1), jnp.argmax(probs, axis=-1)
     height = pseudo.shape[1]
     rows = jnp.arange(height)[None, :, None]

@@ -38,6 +38,8 @@ SEGMENTERS: dict[str, str] = {
     **{f"{head}_mitb{i}": f"segformer:{cls}MiTB{i}"
        for head, cls in (("daformer", "DAFormer"), ("segformer", "SegFormer")) for i in range(6)},
     **{f"hrda_mitb{i}": f"hrda:HRDAMiTB{i}" for i in range(6)},
+    **{f"vfm_vit_{size}14{reg}": f"vfm:VFMViT{size.upper()}14{reg.title().lstrip('_')}"
+       for size in ("s", "b", "l") for reg in ("", "_reg4")},
 }
 
 DISCRIMINATORS: dict[str, str] = {
