@@ -70,6 +70,7 @@ class VFMSegmenter(nn.Module):
   input_scale: float = 1.1
   drop_path_rate: float = 0.0
   remat: bool = False
+  depth: int = 0  # The encoder's first `depth` blocks (0: all): quick tests.
   bn_axis_name: str | None = None  # No BatchNorm: kept for the segmenter contract.
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -81,14 +82,15 @@ class VFMSegmenter(nn.Module):
                   bn_axis_name: str | None = None) -> Self:
     return cls(num_classes=num_classes, input_scale=config.get("input_scale", 1.1),
                drop_path_rate=config.get("drop_path_rate", 0.0),
-               remat=config.get("remat", False), bn_axis_name=bn_axis_name,
+               remat=config.get("remat", False), depth=config.get("depth", 0),
+               bn_axis_name=bn_axis_name,
                dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
 
   def setup(self):
     self.backbone = vit.VisionTransformer(
         self.size, self.registers, self.drop_path_rate, pos_antialias=self.registers > 0,
-        remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
+        remat=self.remat, depth=self.depth, dtype=self.dtype, param_dtype=self.param_dtype)
     self.head = LightweightHead(self.num_classes, self.dtype, self.param_dtype)
 
   def encoder_size(self, height: int, width: int) -> tuple[int, int]:

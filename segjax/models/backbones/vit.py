@@ -148,6 +148,7 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   pos_antialias: bool = False
   remat: bool = False
+  depth: int = 0  # Blocks: 0 for the size's own (12 or 24); fewer for quick tests.
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -156,6 +157,10 @@ class VisionTransformer(nn.Module):
     if self.size not in SIZES:
       raise ValueError(f"Unknown ViT size {self.size!r}; expected one of {sorted(SIZES)}.")
     width, depth, heads = SIZES[self.size]
+    if not 0 <= self.depth <= depth:
+      raise ValueError(f"model.depth={self.depth} must be between 1 and {self.size}'s {depth} "
+                       "blocks (0: all of them).")
+    depth = self.depth or depth
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n, height, image_width = x.shape[:3]
     grid = (height // PATCH, image_width // PATCH)
