@@ -38,6 +38,8 @@ import numpy as np
 
 CONFIGS = ("source_only", "adapt", "advent", "fcn_wild", "pseudo_label", "mpl", "self_training",
            "oracle")
+# The transformer recipes: hours a seed on a 2-core CPU, so only when asked (--configs).
+TRANSFORMER_CONFIGS = ("daformer", "hrda", "mic", "vfm_uda")
 # --tiny: two steps on 32x64 scenes with a narrow network, like configs/test.py.
 TINY = ["--config.num_train_steps=2", "--config.log_every_steps=1",
         "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
@@ -135,8 +137,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--configs", nargs="+", choices=CONFIGS,
-                      help="the configs to run (default: all; with --tiny: source_only)")
+  parser.add_argument("--configs", nargs="+", choices=CONFIGS + TRANSFORMER_CONFIGS,
+                      help="the configs to run (default: all but the transformer recipes "
+                      f"{', '.join(TRANSFORMER_CONFIGS)}; with --tiny: source_only)")
   parser.add_argument("--out", default="runs/builtin_uda")
   parser.add_argument("--report", action="store_true",
                       help="only tabulate the runs already finished in --out; run nothing")

@@ -31,6 +31,8 @@ VARIANTS = {
     # 1e-3 between device counts, in one of two patterns that 2 vs 8 devices also show with
     # lax's convolutions (a discrete switch driven by float rounding, not by the dropout keys,
     # which tests/test_device_count.py checks); not yet found, so compared without dropout.
+    # On an AMD EPYC machine (2026-12-04) it fails without dropout too: the segmenter's momentum
+    # ends up to 1.2% apart in many layers after 2 steps (it passes on Xeon machines and in CI).
     "advent": {"adapt.method": "advent", "adapt.lambda_ent": 0.001, "model.dropout_rate": 0.0},
     "minent": {"adapt.method": "advent", "adapt.lambda_adv": 0.0, "adapt.lambda_ent": 0.001,
                "model.aux_head": True, "loss.aux_weights": (0.1,),
