@@ -23,7 +23,6 @@ padding (conv1_padding 1), BiSeNet without its auxiliary heads (the peer has non
 """
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -72,7 +71,6 @@ def jax_worker(model: str, mode: str, dtype: str, batch: int, hw: tuple[int, int
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
-  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   from segjax import methods, parallel, steps, states as states_lib  # pylint: disable=import-outside-toplevel
 
@@ -105,9 +103,7 @@ def jax_worker(model: str, mode: str, dtype: str, batch: int, hw: tuple[int, int
       batch_data["target"] = {"image": images()}
     batch_data = parallel.to_global(batch_data, mesh)
     method = methods.build(config, NUM_CLASSES)
-    step = parallel.data_parallel(
-        functools.partial(method.step, axis_name=parallel.DATA_AXIS), mesh,
-        in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
+    step = parallel.train_step(method.step, mesh)
     key = parallel.make_replicated(lambda: jax.random.key(0), mesh)
     carry = {"states": states}
 

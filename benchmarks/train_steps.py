@@ -86,12 +86,10 @@ def recipe_config(name: str, tiny: bool):
 def worker(name: str, tiny: bool, steps: int, compile_only: bool) -> dict:
   """Compiles (and unless `compile_only`, times) recipe `name`'s step on device 0."""
   sys.path.insert(0, REPO_ROOT)
-  import functools  # pylint: disable=import-outside-toplevel
 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
-  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   from segjax import methods, parallel, states as states_lib  # pylint: disable=import-outside-toplevel
   from segjax.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -122,9 +120,7 @@ def worker(name: str, tiny: bool, steps: int, compile_only: bool) -> dict:
   data = parallel.to_global(data, mesh)
   states, _ = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   key = parallel.make_replicated(lambda: jax.random.key(0), mesh)
-  step = parallel.data_parallel(
-      functools.partial(method.step, axis_name=parallel.DATA_AXIS), mesh,
-      in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
+  step = parallel.train_step(method.step, mesh)
   lowered = step.lower(states, data, key)
   start = time.perf_counter()
   compiled = lowered.compile()

@@ -46,7 +46,7 @@ from configs import adapt, recipes
 from segjax import methods
 
 
-def _daformer_training(config, lr: float, num_steps: int, warmup_steps: int) -> None:
+def daformer_training(config, lr: float, num_steps: int, warmup_steps: int) -> None:
   config.num_train_steps = num_steps
   config.optim.seg.update(name="adamw", lr=lr, b1=0.9, b2=0.999, weight_decay=0.01, power=1.0,
                           head_lr_mult=10.0, warmup_steps=warmup_steps, warmup_ratio=1e-6,
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None):
   if not roots:
     config = adapt.get_config()
     config.model = recipes.base("daformer_mitb0").model
-    _daformer_training(config, lr=6e-4, num_steps=1500, warmup_steps=150)
+    daformer_training(config, lr=6e-4, num_steps=1500, warmup_steps=150)
     config.data.rcs.min_pixels = 30  # 3,000 of 1280x720 pixels, scaled to the 64x128 scenes.
     config.adapt.mic_block = 8  # MIC's 64 of 512 pixels, scaled to the 64-row crops.
     return config
@@ -83,5 +83,5 @@ def get_config(arg: str | None = None):
   config.data.augment.flip = True
   config.data.augment.brightness = config.data.augment.contrast = 0.0
   config.data.augment.saturation = config.data.augment.hue = 0.0
-  _daformer_training(config, lr=6e-5, num_steps=40_000, warmup_steps=1_500)
+  daformer_training(config, lr=6e-5, num_steps=40_000, warmup_steps=1_500)
   return config

@@ -44,22 +44,19 @@ strength is the pretrained encoder.
 
 import math
 
-from configs import adapt, recipes
+from configs import adapt, daformer, recipes
 from segjax import methods
 
 
 def _vfm_uda_training(config, encoder_lr: float, num_steps: int, warmup_steps: int) -> None:
-  config.num_train_steps = num_steps
-  config.optim.seg.update(name="adamw", lr=encoder_lr, b1=0.9, b2=0.999, weight_decay=0.01,
-                          power=1.0, head_lr_mult=10.0, warmup_steps=warmup_steps,
-                          warmup_ratio=1e-3, no_decay=())
+  """configs/daformer.py's training with VFM-UDA's differences."""
+  daformer.daformer_training(config, encoder_lr, num_steps, warmup_steps)
+  config.optim.seg.update(warmup_ratio=1e-3, no_decay=())
   config.model.drop_path_rate = 0.0
+  del config.model["dropout_rate"]  # The head has no dropout.
   config.model.input_scale = 1.1
-  config.model.remat = False  # True: recompute each transformer block in the backward pass.
-  config.loss.aux_weights = ()
   config.adapt = methods.adapt_config("vfm_uda")
-  config.data.rcs.update(temperature=0.05, min_pixels=3000, min_crop_ratio=0.5)
-  config.data.augment.cat_max_ratio = 0.75
+  config.data.rcs.temperature = 0.05
 
 
 def get_config(arg: str | None = None):

@@ -1,5 +1,6 @@
 """The device mesh, data-parallel mapping of per-device steps, and multi-process start-up."""
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -89,6 +90,14 @@ def data_parallel(per_device_fn: Callable, mesh: Mesh, in_specs: tuple, out_spec
   """jit(shard_map(per_device_fn)): per-device code with explicit collectives."""
   return jax.jit(jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs),
                  donate_argnums=donate_argnums)
+
+
+def train_step(method_step: Callable, mesh: Mesh) -> Callable:
+  """A method's `step(states, batch, rng, *, axis_name)` as training compiles it: states and
+  key replicated, the batch split over `data`, the states donated (updated in place)."""
+  return data_parallel(functools.partial(method_step, axis_name=DATA_AXIS), mesh,
+                       in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()),
+                       donate_argnums=(0,))
 
 
 def to_global(local_batch: Any, mesh: Mesh) -> Any:

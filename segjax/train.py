@@ -7,7 +7,6 @@ in `segjax.states`, evaluation in `segjax.evaluation`. Nothing imports this
 module but the entry points that run training.
 """
 
-import functools
 import os
 import time
 
@@ -18,7 +17,6 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
 
 from segjax import (checkpointing, data, errors, evaluation, methods, parallel, preemption,
                     reporting, validation)
@@ -124,9 +122,7 @@ def _train_with(config, workdir, is_primary, mesh, info, method, ckpt) -> dict[s
     writer.write_hparams(dict(_flatten(config.to_dict())))
 
   # ---- Compiled steps.
-  train_step = parallel.data_parallel(
-      functools.partial(method.step, axis_name=parallel.DATA_AXIS), mesh,
-      in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
+  train_step = parallel.train_step(method.step, mesh)
   eval_step = evaluation.make_eval_step(config, info.num_classes, mesh)
   step_rng = parallel.make_replicated(lambda: step_rng, mesh)
   all_finite = jax.jit(_all_finite)

@@ -14,10 +14,10 @@ from PIL import Image
 from segjax.losses import IGNORE_LABEL
 
 # RGB -> YIQ, where a hue shift is a rotation of the (I, Q) plane.
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
+RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
                         [0.596, -0.274, -0.322],
                         [0.211, -0.523, 0.312]], np.float32)
-_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
+YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ).astype(np.float32)
 CROP_TRIES = 11  # mmseg's RandomCrop for cat_max_ratio: the first crop and up to 10 redraws.
 
 
@@ -42,7 +42,7 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, *, brightness: flo
     angle = rng.uniform(-hue, hue) * 2 * np.pi
     c, s = np.cos(angle), np.sin(angle)
     rotation = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
-    x = x @ (_YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ).T
+    x = x @ (YIQ_TO_RGB @ rotation @ RGB_TO_YIQ).T
   return np.clip(x, 0, 255).astype(np.uint8)
 
 

@@ -41,6 +41,8 @@ warm-up, 10x head learning rate and no decay on norms in `optim.seg`, the MiT
 segmenters in `segjax.models.segformer` (configs/daformer.py sets them all).
 """
 
+import functools
+
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -179,17 +181,26 @@ class DAFormer(self_training.SelfTraining):
       return {}
     keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, 2)))(example_keys)
     images = self._strong_augment(target_images, keys[:, 0])
-    height, width = images.shape[1:3]
-    keep = jax.vmap(lambda key: block_mask(key, height, width, self.adapt.mic_block,
-                                           self.adapt.mic_ratio))(keys[:, 1])
-    return {"image": images, "keep": keep, "label": pseudo, "weight": weights}
+    return {"image": images, **self.draw_masks(keys[:, 1], images.shape[1:3]),
+            "label": pseudo, "weight": weights}
+
+  def draw_masks(self, keys: jax.Array, size: tuple[int, int]) -> dict:
+    """One mask per example key, for images of `size`: MIC's kept blocks, {'keep': (N, H, W)}."""
+    keep = jax.vmap(lambda key: block_mask(key, *size, self.adapt.mic_block,
+                                           self.adapt.mic_ratio))(keys)
+    return {"keep": keep}
+
+  def masked_pass(self, seg, params, stats, inputs: dict, rng: jax.Array):
+    """The student on the masked target images: (outputs, batch statistics). MIC's masked
+    pixels are 0 after normalisation (the mean colour)."""
+    images = self.preprocess(inputs["image"]) * inputs["keep"][..., None]
+    return base.segment(seg, params, stats, images, rng)
 
   def target_terms(self, seg, params, stats, inputs, rng, axis_name):
     """MIC's `loss_mask`: the student on the masked target images."""
     if not self.mic:
       return 0.0, {}, stats
-    images = self.preprocess(inputs["image"]) * inputs["keep"][..., None]
-    out, stats = base.segment(seg, params, stats, images, jax.random.fold_in(rng, 1))
+    out, stats = self.masked_pass(seg, params, stats, inputs, jax.random.fold_in(rng, 1))
     loss_mask, parts = self.weighted_loss(out, inputs["label"], inputs["weight"], axis_name,
                                           "loss_mask")
     return self.adapt.mic_lambda * loss_mask, parts, stats
@@ -265,33 +276,23 @@ class VFMUDA(DAFormer):
     if self.fd_lambda:
       raise ValueError(f"adapt.fd_lambda={self.adapt.fd_lambda}: VFM-UDA's segmenters have no "
                        "feature distance here; set it to 0.")
-    self.token_grid = models.segmenter_class(config.model.name)(num_classes).token_grid(
+    self.token_grid = models.build_segmenter(config.model, num_classes).token_grid(
         *pipeline.crop_size(config, "target"))
 
   def teacher_probs(self, seg, ema, images):
     if not self.adapt.st_flip_teacher:
       return super().teacher_probs(seg, ema, images)
-    variables = {"params": ema["params"], "batch_stats": ema["batch_stats"]}
-    return flip_averaged_probs(
-        lambda x: seg.apply_fn(variables, x, train=False)["logits"], images)
+    return flip_averaged_probs(functools.partial(self.teacher_logits, seg, ema), images)
 
-  def target_inputs(self, target_images, pseudo, weights, example_keys):
-    """The strongly augmented target images and their token masks, with the teacher's pseudo
-    labels of the unmasked images."""
-    if not self.mic:
-      return {}
-    keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, 2)))(example_keys)
-    images = self._strong_augment(target_images, keys[:, 0])
+  def draw_masks(self, keys, size):
+    """The token masks of the target images: {'token_mask': (N, h*w)}, h x w the encoder's
+    patch grid."""
+    del size  # The grid of the target crop, fixed at construction.
     tokens = self.token_grid[0] * self.token_grid[1]
-    masks = jax.vmap(lambda key: token_mask(key, tokens, self.adapt.mic_ratio))(keys[:, 1])
-    return {"image": images, "token_mask": masks, "label": pseudo, "weight": weights}
+    return {"token_mask": jax.vmap(lambda key: token_mask(key, tokens, self.adapt.mic_ratio))(
+        keys)}
 
-  def target_terms(self, seg, params, stats, inputs, rng, axis_name):
-    """`loss_mask`: the student on the target images with masked tokens."""
-    if not self.mic:
-      return 0.0, {}, stats
-    out, stats = base.segment(seg, params, stats, self.preprocess(inputs["image"]),
-                              jax.random.fold_in(rng, 1), token_mask=inputs["token_mask"])
-    loss_mask, parts = self.weighted_loss(out, inputs["label"], inputs["weight"], axis_name,
-                                          "loss_mask")
-    return self.adapt.mic_lambda * loss_mask, parts, stats
+  def masked_pass(self, seg, params, stats, inputs, rng):
+    """The student on the target images with their masked tokens."""
+    return base.segment(seg, params, stats, self.preprocess(inputs["image"]), rng,
+                        token_mask=inputs["token_mask"])

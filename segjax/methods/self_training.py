@@ -40,11 +40,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from segjax import global_batch, steps
-from segjax.data import pipeline
+from segjax.data import augment, pipeline
 from segjax.methods import base
 
-_RGB_TO_YIQ = jnp.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
-                         [0.211, -0.523, 0.312]], jnp.float32)
 _BLUR_SIGMA = (0.15, 1.15)
 _BLUR_RADIUS = math.ceil(3 * _BLUR_SIGMA[1])
 
@@ -84,7 +82,7 @@ def color_jitter(image: jax.Array, key: jax.Array, strength: float, prob: float)
   angle = jax.random.uniform(keys[4], minval=-strength, maxval=strength) * 2 * jnp.pi
   c, s = jnp.cos(angle), jnp.sin(angle)
   rotation = jnp.array([[1, 0, 0], [0, c, -s], [0, s, c]], jnp.float32)
-  x = x @ (jnp.linalg.inv(_RGB_TO_YIQ) @ rotation @ _RGB_TO_YIQ).T
+  x = x @ (augment.YIQ_TO_RGB @ rotation @ augment.RGB_TO_YIQ).T  # Constants, not an LU.
   return jnp.where(apply, jnp.clip(x, 0, 255), image)
 
 
@@ -152,11 +150,15 @@ class SelfTraining(base.Method):
       return gaussian_blur(x, blur_key) if self.blur else x
     return jax.vmap(one)(images.astype(jnp.float32), keys)
 
-  def teacher_probs(self, seg: steps.TrainState, ema: dict, images: jax.Array) -> jax.Array:
-    """The teacher's (N, H, W, classes) softmax on the preprocessed target `images`, in
-    inference mode (`segjax.methods.daformer.VFMUDA` averages it over a horizontal flip)."""
+  def teacher_logits(self, seg: steps.TrainState, ema: dict, images: jax.Array) -> jax.Array:
+    """The teacher's (N, H, W, classes) logits of the preprocessed `images`, in inference mode."""
     out, _ = base.segment(seg, ema["params"], ema["batch_stats"], images, None, train=False)
-    return jax.nn.softmax(out["logits"], axis=-1)
+    return out["logits"]
+
+  def teacher_probs(self, seg: steps.TrainState, ema: dict, images: jax.Array) -> jax.Array:
+    """The teacher's softmax of the preprocessed target `images`, from which the pseudo labels
+    come (`segjax.methods.daformer.VFMUDA` averages it over a horizontal flip)."""
+    return jax.nn.softmax(self.teacher_logits(seg, ema, images), axis=-1)
 
   def source_terms(self, states: dict, src: dict, src_out: dict, axis_name: str):
     """More loss terms of the student's source pass: (loss, {name: value}); none here

@@ -30,7 +30,6 @@ distance is on when `model.backbone_weights` is set, which is not read here):
       --height=512 --width=512 --batch=2 --repeats=1
 """
 
-import functools
 import statistics
 import time
 
@@ -40,7 +39,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from segjax import cli, errors, losses, methods, models, parallel, platforms
 from segjax import states as states_lib
@@ -161,10 +160,7 @@ def _step_costs(config, height, width, batch, num_classes, trace_for, with_memor
   if method.uses_target:
     batch_spec["target"] = domain(method.target_labels)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
-  lower = lambda method: parallel.data_parallel(
-      functools.partial(method.step, axis_name=parallel.DATA_AXIS), mesh,
-      in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()),
-      donate_argnums=(0,)).lower(states, batch_spec, rng)
+  lower = lambda method: parallel.train_step(method.step, mesh).lower(states, batch_spec, rng)
   lowered = lower(method)
   used = -1
   if with_memory:
