@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from segjax import parallel
 from segjax.models import build_discriminator, build_segmenter, fcn, layers, unet
 
 import needs  # pylint: disable=wrong-import-order

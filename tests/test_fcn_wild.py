@@ -45,36 +45,40 @@ def _config(**adapt):
 _batch = uda_testing.random_batch
 
 
-def _run(config, initial: dict, workdir, num_devices: int, num_steps: int = 2):
+def _step(config, workdir, num_devices: int):
+  """(the data-parallel step, its mesh, the global batch)."""
   mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
-  states = jax.device_put(initial, parallel.replicated(mesh))
   method = methods.build(config, NUM_CLASSES)
   method.prepare(str(workdir))
   step = parallel.data_parallel(functools.partial(method.step, axis_name="data"), mesh,
                                 in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
-  batch = parallel.to_global(_batch(config), mesh)
-  for i in range(num_steps):
-    states, metrics = step(states, batch, jax.random.key(i))
-  arrays = {name: {"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
-                   "step": s.step} for name, s in states.items()}
-  return jax.device_get(arrays), jax.device_get(metrics)
+  return step, mesh, parallel.to_global(_batch(config), mesh)
+
+
+def _arrays(states: dict) -> dict:
+  return {name: {"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
+                 "step": s.step} for name, s in states.items()}
 
 
 def test_step_on_8_devices_equals_1_device(tmp_path):
+  """Each step on 8 devices from the 1-device run's states (see uda_testing.steps_from)."""
   config = _config()
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   initial = jax.device_get(states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)[0])
-  states8, metrics8 = _run(config, initial, tmp_path, 8)
-  states1, metrics1 = _run(config, initial, tmp_path, 1)
-  assert set(states8) == {"seg", "disc"}
-  assert set(metrics8) == set(metrics1) == {"loss_seg", "loss_da", "loss_ca", "loss_disc", "lr"}
-  for key in metrics8:
-    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
-    assert np.isfinite(metrics8[key]), key
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
-               states8, states1)
+  run1 = uda_testing.chain(*_step(config, tmp_path, 1), initial)
+
+  def compare(states8, metrics8, states1, metrics1):
+    assert set(states8) == {"seg", "disc"}
+    assert set(metrics8) == set(metrics1) == {"loss_seg", "loss_da", "loss_ca", "loss_disc", "lr"}
+    for key in metrics8:
+      np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
+      assert np.isfinite(metrics8[key]), key
+    uda_testing.assert_states_close(_arrays(states8), _arrays(states1))
+
+  (states8, _), _ = uda_testing.device_counts_agree(*_step(config, tmp_path, 8), initial, run1,
+                                                     compare)
   # The discriminator's input is the segmenter's 32-channel (4 x width 8) context features.
-  assert states8["disc"]["params"]["Conv_0"]["kernel"].shape == (1, 1, 32, 8)
+  assert states8["disc"].params["Conv_0"]["kernel"].shape == (1, 1, 32, 8)
 
 
 # ---- The losses on hand-made arrays.

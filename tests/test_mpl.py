@@ -216,7 +216,7 @@ def _run(step, mesh, initial: dict, between=None, num_steps: int = 2):
   """`num_steps` steps from the host states `initial`; `between(states)` (if given) replaces
   the states after each step."""
   states = jax.device_put(initial, parallel.replicated(mesh))
-  batch = parallel.to_global(_batch(_config()), mesh)
+  batch = _global_batch(mesh)
   for i in range(num_steps):
     states, metrics = step(states, batch, jax.random.key(i))
     if between is not None:
@@ -226,30 +226,33 @@ def _run(step, mesh, initial: dict, between=None, num_steps: int = 2):
 
 @pytest.fixture(scope="module")
 def one_device_run():
-  """The initial states (host), the compiled 1-device step and two steps' states and metrics."""
+  """The initial states (host), the compiled 1-device step and two steps' (states, metrics)."""
   config, mesh = _config(), _mesh(1)
   initial = jax.device_get(states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)[0])
   step = _step_fn(methods.build(config, NUM_CLASSES), mesh)
-  with uda_testing.xla_optimizations():  # See test_mpl_step_on_8_devices_equals_1_device.
-    return (initial, step, *_run(step, mesh, initial))
+  return initial, step, uda_testing.chain(step, mesh, _global_batch(mesh), initial)
 
 
-@pytest.mark.slow  # 115 s with its 1-device run (compiled as users compile): slow_tests.py.
+def _global_batch(mesh):
+  return parallel.to_global(_batch(_config()), mesh)
+
+
+@pytest.mark.slow  # benchmarks/slow_tests.py runs it.
 def test_mpl_step_on_8_devices_equals_1_device(one_device_run):
-  initial, _, states1, metrics1 = one_device_run
+  """Each step on 8 devices from the 1-device run's states (see uda_testing.steps_from)."""
+  initial, _, run1 = one_device_run
   mesh = _mesh(8)
-  # Compiled as users compile: with XLA's optimisations off (the test session's setting) the two
-  # programs' states differ beyond the tolerance after two steps (30 of the 216 entries of one
-  # kernel, by up to 10%), a discrete switch not yet explained, like AdvEnt's in test_methods.
-  with uda_testing.xla_optimizations():
-    states8, metrics8 = _run(_step_fn(methods.build(_config(), NUM_CLASSES), mesh), mesh,
-                             initial)
-  assert set(states8) == STATE_NAMES and set(metrics8) == METRIC_NAMES
-  for key in metrics8:
-    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
-               states8, states1)
-  assert all(np.isfinite(v) for v in metrics8.values())
+
+  def compare(states8, metrics8, states1, metrics1):
+    assert set(states8) == STATE_NAMES and set(metrics8) == METRIC_NAMES
+    for key in metrics8:
+      np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
+    uda_testing.assert_states_close(_arrays(states8), _arrays(states1))
+    assert all(np.isfinite(v) for v in metrics8.values())
+
+  uda_testing.device_counts_agree(_step_fn(methods.build(_config(), NUM_CLASSES), mesh), mesh,
+                                  _global_batch(mesh), initial, run1, compare)
+  states1 = _arrays(run1[-1][0])
   # The teacher has its own initialisation; both took two steps; the baseline has moved.
   kernels = lambda state: np.concatenate([x.ravel() for x in jax.tree.leaves(state.params)])
   assert not np.allclose(kernels(initial["seg"]), kernels(initial["teacher"]))
@@ -259,7 +262,8 @@ def test_mpl_step_on_8_devices_equals_1_device(one_device_run):
 
 def test_a_step_after_a_checkpoint_round_trip_continues_exactly(one_device_run, tmp_path):
   """Every state, the baseline included, is saved and restored; the next step is the same."""
-  initial, step, uninterrupted, metrics = one_device_run
+  initial, step, run1 = one_device_run
+  uninterrupted, metrics = run1[-1]
   ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=1)
   data_iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
 
@@ -272,7 +276,7 @@ def test_a_step_after_a_checkpoint_round_trip_continues_exactly(one_device_run, 
   resumed, resumed_metrics = _run(step, _mesh(1), initial, between=save_and_restore)
   ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, (resumed, resumed_metrics),
-               (uninterrupted, metrics))
+               (_arrays(uninterrupted), metrics))
 
 
 def test_the_teacher_can_start_as_another_runs_segmenter(tmp_path):

@@ -11,7 +11,6 @@ import time
 
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 
 import e2e

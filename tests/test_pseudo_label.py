@@ -435,7 +435,13 @@ def _batch(config, seed=0, target_labels=None):
                      "label": labels() if target_labels is None else target_labels}}
 
 
-def _run_steps(config, num_devices, batch, num_steps=2):
+def _arrays(states: dict) -> dict:
+  return {name: {"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
+                 "step": s.step} for name, s in states.items()}
+
+
+def _setup(config, num_devices, batch):
+  """(the data-parallel step, its mesh, the global batch, the initial states on the host)."""
   mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
   states, _ = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
   method = methods.build(config, NUM_CLASSES)
@@ -443,11 +449,12 @@ def _run_steps(config, num_devices, batch, num_steps=2):
                                 in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
   if not method.target_labels:
     batch = {**batch, "target": {"image": batch["target"]["image"]}}
-  for i in range(num_steps):
-    states, metrics = step(states, parallel.to_global(batch, mesh), jax.random.key(i))
-  arrays = {name: {"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
-                   "step": s.step} for name, s in states.items()}
-  return jax.device_get(arrays), jax.device_get(metrics)
+  return step, mesh, parallel.to_global(batch, mesh), jax.device_get(states)
+
+
+def _run_steps(config, num_devices, batch, num_steps=2):
+  states, metrics = uda_testing.chain(*_setup(config, num_devices, batch), num_steps)[-1]
+  return _arrays(states), metrics
 
 
 @pytest.mark.parametrize("variant", [
@@ -455,19 +462,24 @@ def _run_steps(config, num_devices, batch, num_steps=2):
     pytest.param(v, marks=pytest.mark.slow) if v == "self_training" else v
     for v in sorted(VARIANTS)])
 def test_method_step_on_8_devices_equals_1_device(variant):
+  """Each step on 8 devices from the 1-device run's states (see uda_testing.steps_from)."""
   overrides, state_names, metric_names = VARIANTS[variant]
   config = _method_config(overrides)
   assert methods.build(config, NUM_CLASSES).target_labels
   batch = _batch(config)
-  states8, metrics8 = _run_steps(config, 8, batch)
-  states1, metrics1 = _run_steps(config, 1, batch)
-  assert set(states8) == state_names and set(metrics8) == metric_names
-  for key in metrics8:
-    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
-    assert np.isfinite(metrics8[key])
-  assert metrics8["loss_pl"] > 0
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
-               states8, states1)
+  step1, mesh1, batch1, initial = _setup(config, 1, batch)
+  run1 = uda_testing.chain(step1, mesh1, batch1, initial)
+
+  def compare(states8, metrics8, states1, metrics1):
+    assert set(states8) == state_names and set(metrics8) == metric_names
+    for key in metrics8:
+      np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
+      assert np.isfinite(metrics8[key])
+    assert metrics8["loss_pl"] > 0
+    uda_testing.assert_states_close(_arrays(states8), _arrays(states1))
+
+  step8, mesh8, batch8, _ = _setup(config, 8, batch)
+  uda_testing.device_counts_agree(step8, mesh8, batch8, initial, run1, compare)
 
 
 @pytest.mark.slow  # 35 s: benchmarks/slow_tests.py runs it.
