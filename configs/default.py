@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.source = _street_scenes("source", "train", 2000)  # Labelled.
   config.data.target = _street_scenes("target", "train", 2000)  # Labels never read.
+  # The self-training methods' pseudo labels lose these (top, bottom, left, right) pixels of each
+  # target image where a crop holds them (HRDA's pseudo-label crop v2); () for none.
+  config.data.target.pseudo_margins = ()
   config.data.eval = _street_scenes("target", "val", 250)
   config.data.crop_size = (64, 128)
   config.data.augment = ml_collections.ConfigDict(dict(

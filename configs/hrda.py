@@ -18,13 +18,12 @@ each window fused from its two scales (the detail sliding in 512x512 windows
 at stride 256). Published: 73.8 mIoU GTA5 -> Cityscapes, 65.8 mIoU16
 SYNTHIA -> Cityscapes.
 
-Differences from the published recipe: configs/daformer.py's; HRDA's
-pseudo-label margins (30 rows at the top, 240 at the bottom, 30 columns on
-each side, of the whole Cityscapes image before cropping) are ignored rows
-of the crop (30 / 1024 at the top, 240 / 1024 at the bottom: the crop spans
-the image's height, so these are the same rows), and the 30 columns at the
-image's left and right edges are not ignored; each example draws its own
-detail window (HRDA draws one per batch).
+HRDA's pseudo-label crop v2: the margins of the whole Cityscapes image (30
+rows at the top, 240 at the bottom, 30 columns on each side) are cut out of
+each crop's pseudo-label weights where the crop holds them
+(`data.target.pseudo_margins`). Differences from the published recipe:
+configs/daformer.py's; each example draws its own detail window (HRDA draws
+one per batch).
 
 Without roots: the built-in scenes at 64x128 crops (batch 8 + 8), HRDA's
 segmenter on MiT-B0 from scratch with a 32x64 detail window, otherwise
@@ -51,6 +50,8 @@ def get_config(arg: str | None = None):
   config.data.eval.resize = (1024, 2048)
   config.data.crop_size = (1024, 1024)
   config.data.rcs.min_crop_ratio = 2.0
-  config.adapt.st_ignore_top, config.adapt.st_ignore_bottom = 30 / 1024, 240 / 1024
+  # HRDA's pseudo-label crop v2: the margins of the whole image, ignored where a crop holds them.
+  config.adapt.st_ignore_top = config.adapt.st_ignore_bottom = 0.0
+  config.data.target.pseudo_margins = (30, 240, 30, 30)
   config.inference.window, config.inference.stride = (1024, 1024), (512, 512)
   return config

@@ -107,5 +107,6 @@ def uda_data(config: ml_collections.ConfigDict, roots: dict[str, str]) -> None:
   config.data.target = dataset("cityscapes", roots, "train", "target", (512, 1024), 2_975)
   config.data.source.crop_size = size
   config.data.target.crop_size = (512, 1024)
+  config.data.target.pseudo_margins = ()  # See configs/default.py.
   config.data.eval = dataset("cityscapes", roots, "val", "target", (512, 1024), 500,
                              full_res_labels=True)

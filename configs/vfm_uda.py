@@ -28,9 +28,8 @@ global batch of 8: with another --config.batch_size B, set
 --config.optim.seg.lr to 5e-6 x sqrt(B) (the encoder's; the head's is 10x);
 bf16 where VFM-UDA uses fp16 mixed precision; the source images get no extra
 colour jitter (VFM-UDA's brightness 32/255, contrast, saturation 0.5, hue
-18/360 with probability 0.9); the ignored side columns and the position
-embeddings' resampling (`segjax.methods.daformer.VFMUDA`,
-`segjax.models.vfm`); the rare-class statistics as configs/daformer.py says.
+18/360 with probability 0.9); the position embeddings' resampling
+(`segjax.models.vfm`); the rare-class statistics as configs/daformer.py says.
 VFM-UDA's README trains on 4 GPUs with 2 images each; the config says
 batch 8 on one.
 
@@ -89,4 +88,8 @@ def get_config(arg: str | None = None):
   _vfm_uda_training(config, encoder_lr=0.1 * head_lr, num_steps=40_000, warmup_steps=1_500)
   config.data.rcs.min_pixels = 6000  # 3,000 per 512x1024 pixels, scaled to the 1024 crops.
   config.inference.window, config.inference.stride = (1024, 1024), (512, 512)
+  # VFM-UDA's pseudo-label margins: 3% of the rows at the top, 25% at the bottom and 3% of the
+  # columns on each side of the whole 2048x1024 image, cut where a crop holds them.
+  config.adapt.st_ignore_top = config.adapt.st_ignore_bottom = 0.0
+  config.data.target.pseudo_margins = (30, 256, 61, 61)
   return config

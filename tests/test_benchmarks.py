@@ -70,10 +70,12 @@ def test_conv_formulations_runs_at_its_tiny_size(cache_dir, tmp_path):
 def test_step_costs_runs_at_its_tiny_size(cache_dir):
   proc = _run("step_costs.py", "--tiny", cache_dir=cache_dir)
   rows = [line for line in proc.stdout.splitlines() if "GFLOPs" in line]
-  assert [row.split()[0] for row in rows] == ["DAFormer", "DAFormer", "HRDA", "MIC"]
+  # The tiny run: the MIC recipes, whose steps hold the others' passes (the whole step's count
+  # is checked in tests/test_summary.py).
+  assert [row[:16].strip() for row in rows] == ["DAFormer + MIC", "MIC on HRDA"]
+  assert "daformer_mitb0" in rows[0] and "hrda_mitb0" in rows[1]
   flops = [float(row.rsplit(": ", 1)[1].split()[0].replace(",", "")) for row in rows]
-  # MIC adds a third student pass; HRDA's two half-size passes cost less than one full one.
-  assert flops[1] > flops[0] > flops[2] > 0 and flops[3] > flops[2]
+  assert all(f > 0 for f in flops) and flops[0] != flops[1]
 
 
 def test_inference_speed_runs_every_path_at_its_tiny_size(cache_dir, tmp_path):

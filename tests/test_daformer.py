@@ -270,7 +270,9 @@ class _FixedMask(daformer.DAFormer):
 
 def test_the_mask_loss_learns_the_teachers_labels_of_the_unmasked_image():
   """loss_mask = the confidence-weighted CE of the student on the masked target images (masked
-  pixels 0 after normalisation) against the teacher's pseudo labels of the whole images."""
+  pixels 0 after normalisation) against the teacher's pseudo labels of the whole images; the
+  weights are 0 on the ignored top rows and where the input's `pseudo_valid` map is 0 (HRDA's
+  pseudo-label margins)."""
   config = _mic_config()
   config.adapt.st_ignore_top = 0.25
   config.model.sync_batch_stats = False  # One device; the model is applied outside shard_map.
@@ -278,6 +280,9 @@ def test_the_mask_loss_learns_the_teachers_labels_of_the_unmasked_image():
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   states, _ = states_lib.create_states(config, jax.random.key(0), 8, mesh)
   batch = uda_testing.random_batch(config, n=config.batch_size, seed=5)
+  pseudo_valid = np.ones(batch["target"]["image"].shape[:3], np.uint8)
+  pseudo_valid[:, :, :5] = 0  # A crop holding the image's left margin.
+  batch["target"]["pseudo_valid"] = pseudo_valid
   step = parallel.data_parallel(functools.partial(method.step, axis_name="data"), mesh,
                                 in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
   seg = jax.device_get(states["seg"])
@@ -292,8 +297,8 @@ def test_the_mask_loss_learns_the_teachers_labels_of_the_unmasked_image():
   np.testing.assert_allclose(metrics["pseudo_weight"], weight, rtol=1e-6)
   height, width = pseudo.shape[1:]
   rows = np.arange(height)[None, :, None]
-  weights = jnp.where((rows >= height // 4) & (rows < height - round(120 / 512 * height)),
-                      weight, 0.0) * jnp.ones_like(confidence)
+  weights = jnp.where((rows >= height // 4) & (rows < height - round(120 / 512 * height))
+                      & (pseudo_valid == 1), weight, 0.0)
   rows, cols = np.arange(height)[:, None] // 8, np.arange(width)[None, :] // 8
   masked = target * ((rows + cols) % 2 == 0)[None, :, :, None]
   student, _ = seg.apply_fn(variables, masked, train=True, mutable=["batch_stats"],

@@ -72,6 +72,48 @@ def test_augment_pads_with_ignore_when_scaled_below_the_crop():
   assert np.all(out["image"][out["label"] == 255] == 0)
 
 
+def test_pseudo_margins_are_the_images_margins_cropped_scaled_and_flipped_with_it():
+  """HRDA's pseudo-label crop v2: the valid map is 0 on the image's margins (top, bottom, left,
+  right), and follows the image through scaling, cropping and flipping, so a crop loses margins
+  only where it reaches the image's border."""
+  rows, cols = np.meshgrid(np.arange(40), np.arange(80), indexing="ij")
+  image = np.stack([rows * 6, cols * 3, np.zeros_like(rows)], -1).astype(np.uint8)
+  margins = (3, 10, 4, 5)
+  expected = ((rows >= 3) & (rows < 30) & (cols >= 4) & (cols < 75)).astype(np.uint8)
+  whole = augment.TrainAugment(crop_size=(40, 80), flip=False, pseudo_margins=margins)
+  np.testing.assert_array_equal(
+      whole.random_map({"image": image}, np.random.default_rng(0))["pseudo_valid"], expected)
+  aug = augment.TrainAugment(crop_size=(24, 40), flip=True, pseudo_margins=margins)
+  seen_flip = set()
+  for seed in range(12):
+    out = aug.random_map({"image": image}, np.random.default_rng(seed))
+    # Each crop pixel's source row and column, read back from the image's first two channels.
+    src_rows, src_cols = out["image"][..., 0] // 6, out["image"][..., 1] // 3
+    np.testing.assert_array_equal(out["pseudo_valid"], expected[src_rows, src_cols])
+    seen_flip.add(bool(src_cols[0, 0] > src_cols[0, -1]))
+  assert seen_flip == {False, True}
+  # Scaled by 2: the margins scale with the image.
+  scaled = augment.TrainAugment(crop_size=(80, 160), scale_range=(2.0, 2.0), flip=False,
+                                pseudo_margins=margins)
+  valid = scaled.random_map({"image": image}, np.random.default_rng(0))["pseudo_valid"]
+  np.testing.assert_array_equal(valid, expected.repeat(2, 0).repeat(2, 1))
+
+
+def test_the_target_stream_carries_the_valid_map_and_bad_margins_name_the_field():
+  config = test_config.get_config()
+  config.data.target.pseudo_margins = (2, 6, 3, 3)
+  config.data.augment.scale_range = (1.0, 1.0)  # Crops of the whole image: all four margins.
+  batch = next(iter(pipeline.train_dataset(config, with_target=True, process_index=0,
+                                           process_count=1)))
+  assert set(batch["target"]) == {"image", "pseudo_valid"} and "pseudo_valid" not in batch["source"]
+  assert batch["target"]["pseudo_valid"].shape == (8, 32, 64)
+  assert batch["target"]["pseudo_valid"].sum() == 8 * (32 - 8) * (64 - 6)
+  for bad in ((2, 6, 3), (2, 6, 3, -1), (2.0, 6, 3, 3)):
+    config.data.target.pseudo_margins = bad
+    with pytest.raises(ValueError, match=r"data.target.pseudo_margins must be \(\) or \(top"):
+      pipeline.train_dataset(config, with_target=True, process_index=0, process_count=1)
+
+
 def test_target_stream_has_no_labels_and_domains_advance_in_lockstep():
   config = test_config.get_config()
   batch = next(iter(pipeline.train_dataset(config, with_target=True, process_index=0,

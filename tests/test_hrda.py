@@ -241,7 +241,8 @@ def test_the_published_hrda_and_mic_recipes():
     adapt = config.adapt
     assert (adapt.method, adapt.fd_lambda, adapt.st_alpha, adapt.st_threshold) == (
         "hrda", 0.005, 0.999, 0.968)
-    assert round(adapt.st_ignore_top * 1024) == 30 and round(adapt.st_ignore_bottom * 1024) == 240
+    assert adapt.st_ignore_top == adapt.st_ignore_bottom == 0.0
+    assert tuple(config.data.target.pseudo_margins) == (30, 240, 30, 30)
     assert (adapt.mic, adapt.mic_block, adapt.mic_ratio, adapt.mic_lambda) == (mic, 64, 0.7, 1.0)
     assert config.num_train_steps == 40_000 and config.optim.seg.lr == 6e-5
   synthia = hrda_config.get_config("synthia=/s,cityscapes=/c")

@@ -163,7 +163,10 @@ def test_method_step_on_8_devices_equals_1_device(variant):
   assert set(states8) == state_names and set(metrics8) == metric_names
 
 
-@pytest.mark.parametrize("variant", ["self_training", "vfm_uda"])
+@pytest.mark.parametrize("variant", [
+    "self_training", "vfm_uda",
+    # HRDA + MIC (the DAFormer step's states on HRDA's segmenter): minutes to compile.
+    pytest.param("hrda_mic", marks=pytest.mark.slow)])
 def test_a_step_after_a_checkpoint_round_trip_continues_exactly(variant, tmp_path):
   """Every state (self_training's EMA teacher is a plain dict, not a TrainState) is saved and
   restored, so the step after a resume is that of an uninterrupted run. (TrainStates alone:

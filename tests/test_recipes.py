@@ -70,3 +70,47 @@ def test_dataset_roots_come_from_the_config_string():
       "gta5": "/d/gta", "cityscapes": "/d/cs"}
   with pytest.raises(ValueError, match=r"Bad dataset root 'synthia=/x'.*\['gta5'\]"):
     recipes.parse_roots("synthia=/x", ("gta5",))
+
+
+@pytest.mark.slow  # MiT-B0 HRDA's step compiles for minutes on 2 cores: benchmarks/slow_tests.py.
+@pytest.mark.parametrize("name, metrics", [
+    ("hrda", {"train/loss_detail", "train/loss_mix_detail"}),
+    ("mic", {"train/loss_detail", "train/loss_mask", "train/loss_mask_detail"})])
+def test_hrda_configs_train_and_evaluate_the_teacher_in_sliding_windows(name, metrics, cache_dir,
+                                                                         tmp_path):
+  """configs/hrda.py and configs/mic.py (MIC on HRDA) as published but for the built-in scenes:
+  two steps on 2 devices with each loss logged under its own name, the student evaluated, then
+  the EMA teacher by segjax.evaluate --state=ema; both over 64x64 windows at stride 32 of 64x128
+  images (inference.window, HRDA's 1024/512 on Cityscapes), each window fusing the segmenter's
+  two scales."""
+  workdir = str(tmp_path / name)
+  flags = ["--config.batch_size=2", "--config.eval_batch_size=2", "--config.num_train_steps=2",
+           "--config.log_every_steps=1", "--config.eval_every_steps=2",
+           "--config.checkpoint_every_steps=2", "--config.num_eval_samples=2",
+           "--config.inference.window=(64, 64)", "--config.inference.stride=(32, 32)"]
+  for split in SPLITS:
+    flags += [f"--config.data.{split}.height=64", f"--config.data.{split}.width=128",
+              f"--config.data.{split}.num_examples=4"]
+  command = [sys.executable, "-m", "segjax.main", f"--config=configs/{name}.py",
+             f"--workdir={workdir}", *flags]
+  proc = subprocess.run(command, cwd=e2e.REPO_ROOT, env=e2e.env(2, cache_dir),
+                        capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    config = json.load(f)
+  assert config["model"]["name"] == "hrda_mitb0" and config["adapt"]["method"] == "hrda"
+  assert config["inference"]["window"] == [64, 64]
+  with open(os.path.join(workdir, "final_metrics.json"), encoding="utf-8") as f:
+    assert 0.0 <= json.load(f)["eval/miou"] <= 1.0
+  train_records = [r for r in reporting.read_metrics(workdir) if "train/loss_seg" in r]
+  assert [r["step"] for r in train_records] == [1, 2]
+  assert metrics <= set(train_records[-1]), sorted(train_records[-1])
+  command = [sys.executable, "-m", "segjax.evaluate", f"--config=configs/{name}.py",
+             f"--workdir={workdir}", "--state=ema", *flags]
+  proc = subprocess.run(command, cwd=e2e.REPO_ROOT, env=e2e.env(2, cache_dir),
+                        capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  with open(os.path.join(workdir, "eval", "val_step2_ema.json"), encoding="utf-8") as f:
+    report = json.load(f)
+  assert report["state"] == "ema" and report["inference"]["window"] == [64, 64]
+  assert 0.0 <= report["miou"] <= 1.0

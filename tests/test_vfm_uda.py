@@ -155,7 +155,9 @@ def test_the_published_recipe_and_the_built_in_one():
   adapt = config.adapt
   assert (adapt.st_alpha, adapt.st_threshold, adapt.mic, adapt.mic_ratio, adapt.mic_lambda,
           adapt.st_flip_teacher, adapt.fd_lambda) == (0.999, 0.968, True, 0.7, 1.0, True, 0.0)
-  assert (adapt.st_ignore_top, adapt.st_ignore_bottom) == (0.03, 0.25)
+  assert (adapt.st_ignore_top, adapt.st_ignore_bottom) == (0.0, 0.0)
+  # VFM-UDA's margins of the 2048x1024 image: int(0.03 h), int(0.25 h), int(0.03 w) twice.
+  assert tuple(config.data.target.pseudo_margins) == (30, 256, 61, 61)
   seg = config.optim.seg
   # Head 5e-5 x sqrt(8), the encoder 0.1 x that; warm-up 1,500 steps from 1e-3; 40k steps.
   assert seg.name == "adamw" and seg.weight_decay == 0.01 and seg.head_lr_mult == 10.0

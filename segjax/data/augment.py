@@ -54,6 +54,12 @@ class TrainAugment(grain.transforms.RandomMap):
   `cat_max_ratio` < 1 (mmseg's RandomCrop): a labelled crop is redrawn, up to 10
   times, until no class covers `cat_max_ratio` or more of its labelled
   pixels (a crop of a single class is redrawn too).
+
+  `pseudo_margins` (top, bottom, left, right pixels of the image as read; HRDA's
+  pseudo-label crop v2, `crop_pseudo_margins`) adds 'pseudo_valid' (uint8, 1
+  inside): the image less those margins, scaled, cropped and flipped with the
+  image, so a crop's pseudo labels lose the margins only where the crop
+  reaches the image's border (padding is not valid).
   """
   crop_size: tuple[int, int]
   scale_range: tuple[float, float] = (1.0, 1.0)
@@ -63,9 +69,15 @@ class TrainAugment(grain.transforms.RandomMap):
   saturation: float = 0.0
   hue: float = 0.0
   cat_max_ratio: float = 1.0
+  pseudo_margins: tuple[int, int, int, int] | tuple[()] = ()
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     image, label = element["image"], element.get("label")
+    valid = None
+    if self.pseudo_margins:
+      above, below, before, after = self.pseudo_margins
+      valid = np.zeros(image.shape[:2], np.uint8)
+      valid[above:image.shape[0] - below, before:image.shape[1] - after] = 1
     crop_h, crop_w = self.crop_size
     scale = rng.uniform(*self.scale_range)
     height = max(1, round(image.shape[0] * scale))
@@ -74,11 +86,15 @@ class TrainAugment(grain.transforms.RandomMap):
       image = _resize(image, height, width, Image.BILINEAR)
       if label is not None:
         label = _resize(label, height, width, Image.NEAREST)
+      if valid is not None:
+        valid = _resize(valid, height, width, Image.NEAREST)
     pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
     if pad_h or pad_w:
       image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
       if label is not None:
         label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_LABEL)
+      if valid is not None:
+        valid = np.pad(valid, ((0, pad_h), (0, pad_w)))
     for _ in range(CROP_TRIES):
       top = rng.integers(0, image.shape[0] - crop_h + 1)
       left = rng.integers(0, image.shape[1] - crop_w + 1)
@@ -91,13 +107,19 @@ class TrainAugment(grain.transforms.RandomMap):
     image = image[top:top + crop_h, left:left + crop_w]
     if label is not None:
       label = label[top:top + crop_h, left:left + crop_w]
+    if valid is not None:
+      valid = valid[top:top + crop_h, left:left + crop_w]
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
       if label is not None:
         label = label[:, ::-1]
+      if valid is not None:
+        valid = valid[:, ::-1]
     image = color_jitter(image, rng, brightness=self.brightness, contrast=self.contrast,
                          saturation=self.saturation, hue=self.hue)
     out = {"image": np.ascontiguousarray(image)}
     if label is not None:
       out["label"] = np.ascontiguousarray(label)
+    if valid is not None:
+      out["pseudo_valid"] = np.ascontiguousarray(valid)
     return out

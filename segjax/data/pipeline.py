@@ -35,7 +35,7 @@ def _stream_seed(seed: int, stream: int) -> int:
 
 def _drop_label(element: dict) -> dict:
   """Target images are unlabelled for training: their labels never enter the stream."""
-  return {"image": element["image"]}
+  return {key: value for key, value in element.items() if key != "label"}
 
 
 def _as_domains(pair: tuple) -> dict:
@@ -60,12 +60,23 @@ def crop_size(config: ml_collections.ConfigDict, domain: str) -> tuple[int, int]
   return size
 
 
+def pseudo_margins(config: ml_collections.ConfigDict) -> tuple[int, int, int, int] | tuple[()]:
+  """`data.target.pseudo_margins`: () (none) or (top, bottom, left, right) pixels."""
+  margins = tuple(config.data.target.get("pseudo_margins", ()) or ())
+  if margins and (len(margins) != 4 or not all(
+      isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in margins)):
+    raise errors.ConfigError(f"data.target.pseudo_margins must be () or (top, bottom, left, "
+                             f"right) in non-negative pixels, got {margins}.")
+  return margins
+
+
 def _augmentation(config: ml_collections.ConfigDict, domain: str) -> TrainAugment:
   aug = config.data.augment
   return TrainAugment(crop_size=crop_size(config, domain), scale_range=tuple(aug.scale_range),
                       flip=aug.flip, brightness=aug.brightness, contrast=aug.contrast,
                       saturation=aug.saturation, hue=aug.hue,
-                      cat_max_ratio=aug.get("cat_max_ratio", 1.0))
+                      cat_max_ratio=aug.get("cat_max_ratio", 1.0),
+                      pseudo_margins=pseudo_margins(config) if domain == "target" else ())
 
 
 def _domain_stream(source, seed: int, augment: TrainAugment) -> grain.MapDataset:

@@ -252,10 +252,10 @@ class VFMUDA(DAFormer):
       global batch; its loss against the teacher's pseudo labels of the
       unmasked image, with their weights, is `loss_mask` (x `mic_lambda`, 1);
     * no feature distance (`fd_lambda` 0: the vanilla recipe has none);
-    * pseudo labels ignoring the top 3% and bottom 25% of the rows.
-
-  VFM-UDA ignores 3% of the columns on each side of the whole image too,
-  before cropping; here those columns are kept (as HRDA's, see configs/hrda.py).
+    * pseudo labels ignoring the top 3% and bottom 25% of the crop's rows;
+      configs/vfm_uda.py's published recipe ignores VFM-UDA's margins of the
+      whole image instead (those rows and 3% of the columns on each side,
+      `data.target.pseudo_margins`), where a crop holds them.
   """
   adapt_fields = {
       **DAFormer.adapt_fields,

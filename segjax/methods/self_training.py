@@ -7,8 +7,11 @@ Beyond the seeds: the strongest widely used UDA baseline (Tranheden et al.
      pseudo labels are its argmax. Their weight is the share of target pixels
      whose confidence exceeds `st_threshold` (0.968), over the global batch,
      as DACS computes it per batch; rows `st_ignore_top` / `st_ignore_bottom`
-     (fractions of the height: DAFormer ignores 15 and 120 of 512 rows, the
-     ego car and the rectification border) get weight 0.
+     (fractions of the crop's height: DAFormer ignores 15 and 120 of 512 rows,
+     the ego car and the rectification border) get weight 0, and so do the
+     pixels of the image's margins `data.target.pseudo_margins` that a crop
+     holds (HRDA's pseudo-label crop v2: 30, 240, 30, 30 pixels of the
+     2048x1024 image, top, bottom, left, right; `segjax.data.augment`).
   2. ClassMix: for each (source, target) pair, half of the classes present in
      the source label (rounded up) are drawn at random; their source pixels
      are pasted onto the target image, with the source labels (weight 1) over
@@ -200,6 +203,8 @@ class SelfTraining(base.Method):
     rows = jnp.arange(height)[None, :, None]
     valid = ((rows >= round(self.ignore_top * height))
              & (rows < height - round(self.ignore_bottom * height)))
+    if "pseudo_valid" in tgt:  # data.target.pseudo_margins: the image's margins in this crop.
+      valid = valid & tgt["pseudo_valid"].astype(bool)
     confident = jax.lax.psum(jnp.sum(confidence >= self.threshold), axis_name)
     total = jax.lax.psum(confidence.size, axis_name)
     pseudo_weight = confident / total
