@@ -127,8 +127,10 @@ def _arrays(states: dict) -> dict:
 
 # Variants of a method already covered run in benchmarks/slow_tests.py, not CI.
 # MIC's masks and images are compared on 8 devices and 1 in tests/test_daformer.py, and
-# self_training's step (which DAFormer's is) here.
-SLOW_VARIANTS = ("adaptsegnet_ls", "adaptsegnet_multi", "minent", "hrda_mic", "mic")
+# vfm_uda's step here: self_training's (ClassMix, jitter, the EMA teacher) with DAFormer's and
+# VFM-UDA's additions.
+SLOW_VARIANTS = ("adaptsegnet_ls", "adaptsegnet_multi", "minent", "hrda_mic", "mic",
+                 "self_training")
 
 
 @pytest.mark.parametrize("variant", [
