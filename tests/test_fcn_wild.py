@@ -55,11 +55,6 @@ def _step(config, workdir, num_devices: int):
   return step, mesh, parallel.to_global(_batch(config), mesh)
 
 
-def _arrays(states: dict) -> dict:
-  return {name: {"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
-                 "step": s.step} for name, s in states.items()}
-
-
 def test_step_on_8_devices_equals_1_device(tmp_path):
   """Each step on 8 devices from the 1-device run's states (see uda_testing.steps_from)."""
   config = _config()
@@ -73,7 +68,7 @@ def test_step_on_8_devices_equals_1_device(tmp_path):
     for key in metrics8:
       np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
       assert np.isfinite(metrics8[key]), key
-    uda_testing.assert_states_close(_arrays(states8), _arrays(states1))
+    uda_testing.assert_states_close(uda_testing.arrays(states8), uda_testing.arrays(states1))
 
   (states8, _), _ = uda_testing.device_counts_agree(*_step(config, tmp_path, 8), initial, run1,
                                                      compare)

@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import test as test_config
-from segjax import checkpointing, errors, methods, parallel, steps, validation
+from segjax import checkpointing, errors, methods, parallel, validation
 from segjax import states as states_lib
 from segjax.data import pipeline
 
@@ -94,7 +94,7 @@ def _steps(mesh, initial, step, batch, num_steps: int = 2, between=None):
     states, metrics = step(states, batch, jax.random.key(i))
     if between is not None:
       states = between(i + 1, states)
-  return jax.device_get(_arrays(states)), jax.device_get(metrics)
+  return jax.device_get(uda_testing.arrays(states)), jax.device_get(metrics)
 
 
 def _run(config, num_devices: int, num_steps: int = 2):
@@ -116,13 +116,6 @@ def _release_compiled_steps():
   yield
   _one_device.cache_clear()
   jax.clear_caches()
-
-
-def _arrays(states: dict) -> dict:
-  """The array leaves of each state (a TrainState's apply_fn and tx are static, not compared)."""
-  return {name: ({"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
-                  "step": s.step} if isinstance(s, steps.TrainState) else s)
-          for name, s in states.items()}
 
 
 # Variants of a method already covered run in benchmarks/slow_tests.py, not CI.
@@ -156,7 +149,7 @@ def test_method_step_on_8_devices_equals_1_device(variant):
     assert set(metrics8) == set(metrics1)
     for key in metrics8:
       np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
-    uda_testing.assert_states_close(_arrays(states8), _arrays(states1))
+    uda_testing.assert_states_close(uda_testing.arrays(states8), uda_testing.arrays(states1))
     assert all(np.isfinite(v) for v in metrics8.values())
 
   (states8, metrics8), _ = uda_testing.device_counts_agree(step8, mesh8, batch8, initial, run1,
@@ -187,7 +180,7 @@ def test_a_step_after_a_checkpoint_round_trip_continues_exactly(variant, tmp_pat
   resumed = _steps(*setup, between=save_and_restore)
   ckpt.close()
   states, metrics = uninterrupted[-1]
-  jax.tree.map(np.testing.assert_array_equal, resumed, (_arrays(states), metrics))
+  jax.tree.map(np.testing.assert_array_equal, resumed, (uda_testing.arrays(states), metrics))
   assert set(resumed[0]) == EXPECTED[variant][0]
 
 

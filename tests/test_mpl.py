@@ -40,13 +40,6 @@ def _step_fn(method, mesh):
                                 in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
 
 
-def _arrays(states: dict) -> dict:
-  """The array leaves of each state (a TrainState's apply_fn and tx are static)."""
-  return {name: ({"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
-                  "step": s.step} if isinstance(s, steps.TrainState) else s)
-          for name, s in states.items()}
-
-
 # ---- The sign of the feedback, on a toy problem.
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -221,7 +214,7 @@ def _run(step, mesh, initial: dict, between=None, num_steps: int = 2):
     states, metrics = step(states, batch, jax.random.key(i))
     if between is not None:
       states = between(states)
-  return jax.device_get(_arrays(states)), jax.device_get(metrics)
+  return jax.device_get(uda_testing.arrays(states)), jax.device_get(metrics)
 
 
 @pytest.fixture(scope="module")
@@ -247,12 +240,12 @@ def test_mpl_step_on_8_devices_equals_1_device(one_device_run):
     assert set(states8) == STATE_NAMES and set(metrics8) == METRIC_NAMES
     for key in metrics8:
       np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
-    uda_testing.assert_states_close(_arrays(states8), _arrays(states1))
+    uda_testing.assert_states_close(uda_testing.arrays(states8), uda_testing.arrays(states1))
     assert all(np.isfinite(v) for v in metrics8.values())
 
   uda_testing.device_counts_agree(_step_fn(methods.build(_config(), NUM_CLASSES), mesh), mesh,
                                   _global_batch(mesh), initial, run1, compare)
-  states1 = _arrays(run1[-1][0])
+  states1 = uda_testing.arrays(run1[-1][0])
   # The teacher has its own initialisation; both took two steps; the baseline has moved.
   kernels = lambda state: np.concatenate([x.ravel() for x in jax.tree.leaves(state.params)])
   assert not np.allclose(kernels(initial["seg"]), kernels(initial["teacher"]))
@@ -276,7 +269,7 @@ def test_a_step_after_a_checkpoint_round_trip_continues_exactly(one_device_run, 
   resumed, resumed_metrics = _run(step, _mesh(1), initial, between=save_and_restore)
   ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, (resumed, resumed_metrics),
-               (_arrays(uninterrupted), metrics))
+               (uda_testing.arrays(uninterrupted), metrics))
 
 
 def test_the_teacher_can_start_as_another_runs_segmenter(tmp_path):
@@ -300,8 +293,8 @@ def test_the_teacher_can_start_as_another_runs_segmenter(tmp_path):
   jax.tree.map(np.testing.assert_array_equal,
                (started["teacher"].params, started["teacher"].batch_stats),
                jax.device_get((other["seg"].params, other["seg"].batch_stats)))
-  jax.tree.map(np.testing.assert_array_equal, _arrays({"seg": started["seg"]}),
-               jax.device_get(_arrays({"seg": fresh["seg"]})))
+  jax.tree.map(np.testing.assert_array_equal, uda_testing.arrays({"seg": started["seg"]}),
+               jax.device_get(uda_testing.arrays({"seg": fresh["seg"]})))
   jax.tree.map(np.testing.assert_array_equal, started["teacher"].opt_state,
                jax.device_get(fresh["teacher"].opt_state))
   assert int(started["teacher"].step) == 0

@@ -435,11 +435,6 @@ def _batch(config, seed=0, target_labels=None):
                      "label": labels() if target_labels is None else target_labels}}
 
 
-def _arrays(states: dict) -> dict:
-  return {name: {"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
-                 "step": s.step} for name, s in states.items()}
-
-
 def _setup(config, num_devices, batch):
   """(the data-parallel step, its mesh, the global batch, the initial states on the host)."""
   mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
@@ -454,7 +449,7 @@ def _setup(config, num_devices, batch):
 
 def _run_steps(config, num_devices, batch, num_steps=2):
   states, metrics = uda_testing.chain(*_setup(config, num_devices, batch), num_steps)[-1]
-  return _arrays(states), metrics
+  return uda_testing.arrays(states), metrics
 
 
 @pytest.mark.parametrize("variant", [
@@ -476,7 +471,7 @@ def test_method_step_on_8_devices_equals_1_device(variant):
       np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
       assert np.isfinite(metrics8[key])
     assert metrics8["loss_pl"] > 0
-    uda_testing.assert_states_close(_arrays(states8), _arrays(states1))
+    uda_testing.assert_states_close(uda_testing.arrays(states8), uda_testing.arrays(states1))
 
   step8, mesh8, batch8, _ = _setup(config, 8, batch)
   uda_testing.device_counts_agree(step8, mesh8, batch8, initial, run1, compare)

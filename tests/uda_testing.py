@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from segjax import methods, parallel
+from segjax import methods, parallel, steps
 from segjax.data import pipeline
 
 NUM_CLASSES = 8  # The built-in scenes' label space.
@@ -54,6 +54,13 @@ def xla_optimizations():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def arrays(states: dict) -> dict:
+  """The array leaves of each state (a TrainState's apply_fn and tx are static, not compared)."""
+  return {name: ({"params": s.params, "batch_stats": s.batch_stats, "opt_state": s.opt_state,
+                  "step": s.step} if isinstance(s, steps.TrainState) else s)
+          for name, s in states.items()}
 
 
 def steps_from(step, mesh, batch, starts: list) -> list[tuple]:
