@@ -114,18 +114,36 @@ def _load(encoder: vit.VisionTransformer, path: str):
   return loaded["params"]["backbone"], report
 
 
+def _timm_state_dict(official: dict) -> dict:
+  """The file timm saves (`vit_small_patch14[_reg4]_dinov2.lvd142m`), by the rule of timm's
+  `vision_transformer._convert_dinov2`: no mask token, and with registers `reg_token` and the
+  class token's position embedding added to `cls_token`, not in `pos_embed`."""
+  out = {k: v for k, v in official.items() if k not in ("mask_token", "head.weight")}
+  if "register_tokens" in out:
+    out["reg_token"] = out.pop("register_tokens")
+    out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+    out["pos_embed"] = out["pos_embed"][:, 1:]
+  return out
+
+
 @pytest.mark.parametrize("registers, layout", [
-    (0, "hf"), (0, "official_pth"), (4, "hf"), (4, "official_safetensors")])
+    (0, "hf"), (0, "official_pth"), (4, "hf"), (4, "official_safetensors"), (0, "timm"),
+    (4, "timm")])
 def test_every_block_equals_hugging_face_dinov2_with_the_same_weights(registers, layout,
                                                                      tmp_path):
   torch = _torch()
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   model = _hf_model(registers)
+  if layout == "timm":  # timm's files have no mask token: the model keeps DINOv2's zeros.
+    with torch.no_grad():
+      model.embeddings.mask_token.zero_()
   if layout == "hf":
     model.save_pretrained(tmp_path / "hf")
     path = str(tmp_path / "hf" / "model.safetensors")
   else:
     state = _official_state_dict(_hub_state(model, tmp_path / "hub"))
+    if layout == "timm":
+      state = _timm_state_dict(state)
     path = str(tmp_path / ("dinov2.pth" if layout == "official_pth" else "dinov2.safetensors"))
     if layout == "official_pth":
       torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
@@ -133,9 +151,14 @@ def test_every_block_equals_hugging_face_dinov2_with_the_same_weights(registers,
       save_file(state, path)
   encoder = vit.VisionTransformer("vit_s14", registers=registers, pos_antialias=bool(registers))
   params, report = _load(encoder, path)
-  assert report.layout == (weights.HF_DINOV2 if layout == "hf" else weights.DINOV2)
-  assert report.unused == ([] if layout == "hf" else ["head.weight"])
-  assert len(report.loaded) == len(jax.tree.leaves(params))
+  expected_layout = {"hf": weights.HF_DINOV2, "timm": weights.TIMM_DINOV2 if registers
+                     else weights.DINOV2}.get(layout, weights.DINOV2)
+  assert report.layout == expected_layout
+  assert report.unused == ([] if layout in ("hf", "timm") else ["head.weight"])
+  missing = 1 if layout == "timm" else 0  # The mask token.
+  assert report.skipped == (["mask_token (the file has none; it keeps its initialisation)"]
+                            if missing else [])
+  assert len(report.loaded) == len(jax.tree.leaves(params)) - missing
   assert sum(p.numel() for p in model.parameters()) == sum(
       x.size for x in jax.tree.leaves(params))
 

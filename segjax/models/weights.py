@@ -26,7 +26,12 @@ Layouts, told apart by the keys (`detect_layout`):
     `_reg4_`: `blocks.0.attn.qkv.weight`, `blocks.0.ls1.gamma`);
   * 'hf_dinov2': Hugging Face's `Dinov2Model` and `Dinov2WithRegistersModel`
     (`embeddings.patch_embeddings.projection...`, `encoder.layer.0.attention
-    .attention.query...`), which `vit.from_hugging_face` renames to 'dinov2'.
+    .attention.query...`), which `vit.from_hugging_face` renames to 'dinov2';
+  * 'timm_dinov2': timm's DINOv2 ViTs with registers (`vit_small_patch14_reg4_
+    dinov2.lvd142m`: `reg_token`, and position embeddings without the class
+    token's, which timm adds to `cls_token`), which `vit.from_timm` converts.
+    timm's DINOv2 ViTs without registers keep the official names and read as
+    'dinov2'; timm drops `mask_token` from both (`KeyMap.optional`).
 
 A backbone module names its variables so that `torch_key(path)` gives the key
 of each; the loader converts layouts (OIHW -> HWIO, a Linear matrix -> the
@@ -55,18 +60,21 @@ MIT = "mit"
 HF_SEGFORMER = "hf_segformer"
 DINOV2 = "dinov2"
 HF_DINOV2 = "hf_dinov2"
+TIMM_DINOV2 = "timm_dinov2"
 LAYOUTS = {
     TORCHVISION: "torchvision's layout (its ResNets stride in each bottleneck's 3x3 convolution)",
     CAFFE: "the Caffe-converted DeepLab layout ('Scale.' keys; its ResNet strides in each "
            "bottleneck's 1x1 convolution)",
     MIT: "the official SegFormer MiT layout ('patch_embed1.proj.weight', 'block1.0.attn.kv')",
     HF_SEGFORMER: "Hugging Face's SegFormer layout ('encoder.patch_embeddings.0.proj.weight')",
-    DINOV2: "the official DINOv2 ViT layout ('blocks.0.attn.qkv.weight', 'blocks.0.ls1.gamma')",
+    DINOV2: "the official DINOv2 ViT layout ('blocks.0.attn.qkv.weight', 'blocks.0.ls1.gamma'; "
+            "timm's without registers too)",
+    TIMM_DINOV2: "timm's DINOv2 layout with registers ('reg_token', 'blocks.0.ls1.gamma')",
     HF_DINOV2: "Hugging Face's DINOv2 layout "
                "('embeddings.patch_embeddings.projection.weight')",
 }
 KEY_PREFIXES = {TORCHVISION: "", CAFFE: "Scale.", MIT: "", HF_SEGFORMER: "", DINOV2: "",
-                HF_DINOV2: ""}
+                HF_DINOV2: "", TIMM_DINOV2: ""}
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -82,7 +90,7 @@ def detect_layout(keys: Iterable[str]) -> str:
       "embeddings.patch_embeddings.projection.") for k in keys):
     return HF_DINOV2
   if any(k.startswith("blocks.") and k.endswith(".ls1.gamma") for k in keys):
-    return DINOV2
+    return TIMM_DINOV2 if "reg_token" in keys else DINOV2
   return TORCHVISION
 
 
@@ -108,6 +116,7 @@ class KeyMap:
       default_factory=dict)
   converters: Mapping[str, Callable[[dict], dict]] = dataclasses.field(default_factory=dict)
   backbone_file_key: Callable[[str], bool] | None = None
+  optional: Callable[[str], bool] | None = None
 
   def __call__(self, path: tuple[str, ...]) -> str:
     return self.backbone(path)
@@ -283,7 +292,7 @@ def load_backbone(variables: dict, path: str, torch_key: Callable[[tuple[str, ..
   head_key = key_map.heads.get(layout, lambda path: None)
   flat = {collection: traverse_util.flatten_dict(dict(tree))
           for collection, tree in variables.items()}
-  loaded, missing = [], []
+  loaded, missing, skipped = [], [], []
   heads = collections.defaultdict(list)  # Top-level module -> [(collection, path, file key)].
   found_prefix = False
   for collection, tree in flat.items():
@@ -295,7 +304,10 @@ def load_backbone(variables: dict, path: str, torch_key: Callable[[tuple[str, ..
       found_prefix = True
       key = file_key(key_map(var_path[1:]))
       if key not in tensors:
-        missing.append(key)
+        if key_map.optional is not None and key_map.optional(key):
+          skipped.append(f"{key} (the file has none; it keeps its initialisation)")
+        else:
+          missing.append(key)
         continue
       tree[var_path] = convert(tensors[key], value.shape, f"{path}: {key}").astype(value.dtype)
       loaded.append(key)
@@ -306,7 +318,7 @@ def load_backbone(variables: dict, path: str, torch_key: Callable[[tuple[str, ..
     shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
     raise ValueError(f"{path} lacks {len(missing)} keys the backbone needs: {shown}. "
                      f"Is it a state dict in {LAYOUTS[layout]} of the model.name architecture?")
-  skipped, skipped_keys = [], set()
+  skipped_keys = set()
   for module, entries in heads.items():
     reason = _head_mismatch(entries, flat, tensors, path)
     if reason:

@@ -22,8 +22,9 @@ which moves the embeddings by a fraction of a pixel.
 
 Submodules carry the official names (`patch_embed.proj`, `blocks.0.attn.qkv`,
 `blocks.0.ls1.gamma`, `norm`) with '.' written '_'; `torch_key` maps a
-variable to the key of a `dinov2_vit*14*_pretrain.pth` file, and
-`from_hugging_face` renames a Hugging Face file's keys to them.
+variable to the key of a `dinov2_vit*14*_pretrain.pth` file;
+`from_hugging_face` and `from_timm` convert Hugging Face's and timm's files
+(`vit_small_patch14_reg4_dinov2.lvd142m`, ...) to those keys.
 """
 
 import re
@@ -271,8 +272,27 @@ def from_hugging_face(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return from_official(out)
 
 
+def from_timm(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A timm DINOv2-with-registers state dict with the official keys.
+
+  timm's `_convert_dinov2` renamed `register_tokens` to `reg_token`, added the
+  class token's position embedding to `cls_token` and dropped it from
+  `pos_embed`; the class position here is therefore 0 and `cls_token` timm's
+  sum, which computes the same tokens. Without a `mask_token` (timm drops it)
+  the model keeps its initialisation, DINOv2's zeros.
+  """
+  out = {("register_tokens" if key == "reg_token" else key): value
+         for key, value in tensors.items()}
+  table = out["pos_embed"]
+  out["pos_embed"] = np.concatenate([np.zeros_like(table[:, :1]), table], axis=1)
+  return from_official(out)
+
+
 # Where the encoder's variables are in the files users hold (`weights.load_backbone`).
-KEY_MAP = weights.KeyMap(VisionTransformer.torch_key, (weights.DINOV2, weights.HF_DINOV2),
+KEY_MAP = weights.KeyMap(VisionTransformer.torch_key,
+                         (weights.DINOV2, weights.HF_DINOV2, weights.TIMM_DINOV2),
                          converters={weights.DINOV2: from_official,
-                                     weights.HF_DINOV2: from_hugging_face},
-                         backbone_file_key=is_encoder_key)
+                                     weights.HF_DINOV2: from_hugging_face,
+                                     weights.TIMM_DINOV2: from_timm},
+                         backbone_file_key=is_encoder_key,
+                         optional=lambda key: key == "mask_token")
