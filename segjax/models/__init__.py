@@ -40,6 +40,7 @@ SEGMENTERS: dict[str, str] = {
     **{f"hrda_mitb{i}": f"hrda:HRDAMiTB{i}" for i in range(6)},
     **{f"vfm_vit_{size}14{reg}": f"vfm:VFMViT{size.upper()}14{reg.title().lstrip('_')}"
        for size in ("s", "b", "l") for reg in ("", "_reg4")},
+    **{f"vfmpp_vit_{size}14": f"vit_adapter:VFMPPViT{size.upper()}14" for size in ("s", "b", "l")},
 }
 
 DISCRIMINATORS: dict[str, str] = {

@@ -61,6 +61,7 @@ HF_SEGFORMER = "hf_segformer"
 DINOV2 = "dinov2"
 HF_DINOV2 = "hf_dinov2"
 TIMM_DINOV2 = "timm_dinov2"
+VFMPP = "vfmpp"
 LAYOUTS = {
     TORCHVISION: "torchvision's layout (its ResNets stride in each bottleneck's 3x3 convolution)",
     CAFFE: "the Caffe-converted DeepLab layout ('Scale.' keys; its ResNet strides in each "
@@ -70,11 +71,13 @@ LAYOUTS = {
     DINOV2: "the official DINOv2 ViT layout ('blocks.0.attn.qkv.weight', 'blocks.0.ls1.gamma'; "
             "timm's without registers too)",
     TIMM_DINOV2: "timm's DINOv2 layout with registers ('reg_token', 'blocks.0.ls1.gamma')",
+    VFMPP: "VFM-UDA++'s checkpoint layout ('network.encoder.level_embed', "
+           "'network.encoder.interactions.0...')",
     HF_DINOV2: "Hugging Face's DINOv2 layout "
                "('embeddings.patch_embeddings.projection.weight')",
 }
 KEY_PREFIXES = {TORCHVISION: "", CAFFE: "Scale.", MIT: "", HF_SEGFORMER: "", DINOV2: "",
-                HF_DINOV2: "", TIMM_DINOV2: ""}
+                HF_DINOV2: "", TIMM_DINOV2: "", VFMPP: ""}
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -82,6 +85,8 @@ def detect_layout(keys: Iterable[str]) -> str:
   keys = list(keys)
   if any(k.startswith(KEY_PREFIXES[CAFFE]) for k in keys):
     return CAFFE
+  if "network.encoder.level_embed" in keys:
+    return VFMPP
   if any(k.removeprefix("segformer.").startswith("encoder.patch_embeddings.") for k in keys):
     return HF_SEGFORMER
   if any(k.startswith("patch_embed1.") for k in keys):
@@ -185,9 +190,9 @@ def _read(path: str, keys_only: bool) -> Mapping[str, object]:
     raise FileNotFoundError(f"Backbone weights file {path!r} (config field "
                             "model.backbone_weights) does not exist.")
   ext = os.path.splitext(path)[1].lower()
-  if ext not in (".safetensors", ".npz", ".pth", ".pt", ".bin"):
+  if ext not in (".safetensors", ".npz", ".pth", ".pt", ".bin", ".ckpt"):
     raise ValueError(f"Backbone weights file {path!r} has extension {ext!r}; expected "
-                     ".pth/.pt (PyTorch), .safetensors or .npz.")
+                     ".pth/.pt/.ckpt (PyTorch), .safetensors or .npz.")
   try:
     if ext == ".safetensors":
       # pylint: disable=import-outside-toplevel

@@ -153,8 +153,7 @@ class VisionTransformer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> dict:
+  def setup(self):
     if self.size not in SIZES:
       raise ValueError(f"Unknown ViT size {self.size!r}; expected one of {sorted(SIZES)}.")
     width, depth, heads = SIZES[self.size]
@@ -163,37 +162,57 @@ class VisionTransformer(nn.Module):
                        "blocks (0: all of them).")
     depth = self.depth or depth
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.patch_embed_proj = nn.Conv(width, (PATCH, PATCH), strides=(PATCH, PATCH),
+                                    padding="VALID", **kw)
+    self.mask_token = self.param("mask_token", nn.initializers.zeros, (1, 1, width),
+                                 self.param_dtype)
+    self.cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, width),
+                                self.param_dtype)
+    self.pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
+                                (1, 1 + GRID * GRID, width), self.param_dtype)
+    if self.registers:
+      self.register_tokens = self.param("register_tokens", nn.initializers.normal(1e-6),
+                                        (1, self.registers, width), self.param_dtype)
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    rates = np.linspace(0.0, self.drop_path_rate, depth)
+    self.blocks = [block_cls(heads, float(rate), **kw) for rate in rates]
+    self.norm = nn.LayerNorm(epsilon=EPS, **kw)
+
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> dict:
+    tokens, grid = self.embed(x, mask)
+    outputs = []
+    for block in self.blocks:
+      tokens = block(tokens, train)
+      outputs.append(tokens)
+    return {"tokens": self.norm(tokens), "layers": outputs, "grid": grid}
+
+  def embed(self, x: jax.Array, mask: jax.Array | None = None,
+            registers: bool = True) -> tuple[jax.Array, tuple[int, int]]:
+    """The tokens (N, 1 + R + h*w, D) the first block reads, and the grid (h, w).
+
+    `registers=False` leaves the register tokens out (the ViT-Adapter's
+    interactions carry the class token only).
+    """
     n, height, image_width = x.shape[:3]
+    width = self.cls_token.shape[-1]
     grid = (height // PATCH, image_width // PATCH)
     if min(grid) < 1:
       raise ValueError(f"Images of {height}x{image_width} are smaller than one {PATCH}x{PATCH} "
                        "patch.")
-    patches = nn.Conv(width, (PATCH, PATCH), strides=(PATCH, PATCH), padding="VALID",
-                      name="patch_embed_proj", **kw)(x.astype(self.dtype))
+    patches = self.patch_embed_proj(x.astype(self.dtype))
     patches = patches.reshape(n, grid[0] * grid[1], width)
-    mask_token = self.param("mask_token", nn.initializers.zeros, (1, 1, width), self.param_dtype)
     if mask is not None:
-      patches = jnp.where(mask[..., None], mask_token.astype(patches.dtype), patches)
-    cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, width), self.param_dtype)
-    positions = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
-                           (1, 1 + GRID * GRID, width), self.param_dtype)
-    table = jnp.concatenate([positions[0, :1],
-                             resample_positions(positions[0, 1:], grid, self.pos_antialias)])
-    tokens = jnp.concatenate([jnp.broadcast_to(cls.astype(patches.dtype), (n, 1, width)),
-                              patches], axis=1) + table.astype(patches.dtype)
-    if self.registers:
-      registers = self.param("register_tokens", nn.initializers.normal(1e-6),
-                             (1, self.registers, width), self.param_dtype)
+      patches = jnp.where(mask[..., None], self.mask_token.astype(patches.dtype), patches)
+    table = jnp.concatenate([self.pos_embed[0, :1], resample_positions(
+        self.pos_embed[0, 1:], grid, self.pos_antialias)])
+    tokens = jnp.concatenate([jnp.broadcast_to(self.cls_token.astype(patches.dtype),
+                                               (n, 1, width)), patches], axis=1)
+    tokens = tokens + table.astype(patches.dtype)
+    if self.registers and registers:
       tokens = jnp.concatenate([tokens[:, :1], jnp.broadcast_to(
-          registers.astype(tokens.dtype), (n, self.registers, width)), tokens[:, 1:]], axis=1)
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-    rates = np.linspace(0.0, self.drop_path_rate, depth)
-    outputs = []
-    for i in range(depth):
-      tokens = block_cls(heads, float(rates[i]), name=f"blocks_{i}", **kw)(tokens, train)
-      outputs.append(tokens)
-    tokens = nn.LayerNorm(epsilon=EPS, name="norm", **kw)(tokens)
-    return {"tokens": tokens, "layers": outputs, "grid": grid}
+          self.register_tokens.astype(tokens.dtype), (n, self.registers, width)),
+                                tokens[:, 1:]], axis=1)
+    return tokens, grid
 
   def patch_maps(self, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """The patch tokens of (N, 1 + R + h*w, D) as a map (N, h, w, D)."""
@@ -240,6 +259,7 @@ _HF_RENAMES = (
     (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
     (r"^encoder\.layer\.(\d+)\.norm(\d)\.", r"blocks.\1.norm\2."),
     (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
     (r"^encoder\.layer\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
     (r"^encoder\.layer\.(\d+)\.mlp\.fc(\d)\.", r"blocks.\1.mlp.fc\2."),
     (r"^layernorm\.", "norm."),
@@ -248,15 +268,18 @@ _HF_RENAMES = (
 
 def from_hugging_face(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """A Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel` state dict with the official
-  keys: query, key and value become one `qkv` (in that order). Other keys keep their names,
+  keys: query, key and value become one `qkv` (in that order). Both the files'
+  names (`attention.attention.query`) and transformers 5's module names
+  (`attention.q_proj`, a `state_dict()` saved with torch) are read. Other keys keep their names,
   so the loader reports them as unused."""
   out, qkv = {}, {}
   for key, value in tensors.items():
     name = re.sub(r"^dinov2(_with_registers)?\.", "", key)
-    part = re.match(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\."
-                    r"(weight|bias)$", name)
+    part = re.match(r"^encoder\.layer\.(\d+)\.attention\.(?:attention\.(query|key|value)|"
+                    r"(q|k|v)_proj)\.(weight|bias)$", name)
     if part:
-      qkv.setdefault(f"blocks.{part[1]}.attn.qkv.{part[3]}", {})[part[2]] = value
+      which = part[2] or {"q": "query", "k": "key", "v": "value"}[part[3]]
+      qkv.setdefault(f"blocks.{part[1]}.attn.qkv.{part[4]}", {})[which] = value
       continue
     for pattern, replace in _HF_RENAMES:
       renamed = re.sub(pattern, replace, name)
