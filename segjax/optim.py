@@ -1,9 +1,12 @@
 """Optimizers and learning-rate schedules of the seeds' recipes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
 
 from segjax.models import weights
 
@@ -87,6 +90,8 @@ def segmenter_optimizer(config: ml_collections.ConfigDict,
   1,500 steps from 1e-6 of the lr); `no_decay` (AdamW) names parameters
   without weight decay (DAFormer: 'norm', 'pos_block'). Returns the
   transformation and the backbone's schedule (the one logged as lr).
+  `layer_decay` (VFM-UDA++: 0.9) scales the backbone's learning rate by
+  layer, as BEiT's layer-wise decay (`scale_by_layer`).
   """
   if config.get("no_decay") and config.get("name", "sgd") != "adamw":
     raise ValueError(f"optim.seg.no_decay={tuple(config.no_decay)} is read by AdamW only "
@@ -95,6 +100,12 @@ def segmenter_optimizer(config: ml_collections.ConfigDict,
                                   config.power, config.get("warmup_steps", 0),
                                   config.get("warmup_ratio", 1e-6))
   mult = config.get("head_lr_mult", 1.0)
+  decay = config.get("layer_decay", 1.0)
+  if not 0.0 < decay <= 1.0:
+    raise ValueError(f"optim.seg.layer_decay={decay} must be in (0, 1].")
+  if decay != 1.0:
+    return optax.chain(_base(config, schedule, "optim.seg"),
+                       scale_by_layer(mult, decay)), schedule
   if mult == 1.0:
     return _base(config, schedule, "optim.seg"), schedule
 
@@ -106,6 +117,34 @@ def segmenter_optimizer(config: ml_collections.ConfigDict,
       {"backbone": _base(config, schedule, "optim.seg"),
        "head": _base(config, _scaled(schedule, mult), "optim.seg")}, label)
   return tx, schedule
+
+
+def layer_multiplier(path: tuple[str, ...], blocks: int, head_mult: float,
+                     decay: float) -> float:
+  """The learning-rate multiplier of the parameter at `path` under layer-wise decay: outside
+  the backbone `head_mult`; in its block i of `blocks` decay^(blocks - 1 - i); the rest of
+  the backbone (patch and position embeddings, class token) decay^blocks."""
+  if path[0] != weights.BACKBONE:
+    return head_mult
+  block = re.fullmatch(r"blocks_(\d+)", path[1]) if len(path) > 1 else None
+  return decay ** (blocks - 1 - int(block[1])) if block else decay ** blocks
+
+
+def scale_by_layer(head_mult: float, decay: float) -> optax.GradientTransformation:
+  """Scales each update by its `layer_multiplier` (the number of blocks counted from the
+  backbone's `blocks_<i>`). After AdamW, whose update already holds the decoupled weight
+  decay, this is PyTorch's AdamW with one parameter group per layer (VFM-UDA++'s
+  `configure_optimizers`: the decoder at the lr, block i of n at lr x 0.1 x 0.9^(n-1-i),
+  the embeddings at lr x 0.1 x 0.9^n)."""
+  def update(updates, state, params=None):
+    del params
+    flat = traverse_util.flatten_dict(updates)
+    blocks = 1 + max((int(m[1]) for path in flat if path[0] == weights.BACKBONE
+                      for m in [re.fullmatch(r"blocks_(\d+)", path[1])] if m), default=-1)
+    scaled = {path: value * layer_multiplier(path, blocks, head_mult, decay)
+              for path, value in flat.items()}
+    return traverse_util.unflatten_dict(scaled), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def discriminator_optimizer(config: ml_collections.ConfigDict,

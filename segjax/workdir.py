@@ -128,7 +128,8 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]
 
 
 # Fields read only when a run starts from scratch (a resume restores what they gave).
-READ_ONLY_AT_START = ("init_from", "model.backbone_weights", "adapt.mpl_teacher_from")
+READ_ONLY_AT_START = ("init_from", "model.backbone_weights", "adapt.mpl_teacher_from",
+                      "adapt.fd_weights")
 # Fields that locate inputs (a dataset, a cache, pseudo labels, statistics): moving them, or the
 # workdir holding them, changes where the same files are read from, not what is trained.
 LOCATIONS = ("root", "data_dir", "cache_dir", "pseudo_labels", "category_stats")

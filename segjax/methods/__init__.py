@@ -23,6 +23,7 @@ A method is built from the config (`build`) and provides:
   daformer       self_training + ImageNet feature distance, DAFormer's defaults (Hoyer 2022)
   hrda           daformer at two resolutions with a scale attention (Hoyer 2022b)
   vfm_uda        daformer's self-training of a DINOv2 ViT with token masking (Englert 2024)
+  vfm_uda_pp     vfm_uda on a ViT-Adapter, block masking, feature distance to a frozen DINOv2
   pseudo_label   offline pseudo labels (median / CBST thresholds) + adversarial (the seed, BDL)
 """
 
@@ -44,6 +45,7 @@ METHODS = {
     "daformer": "segjax.methods.daformer:DAFormer",
     "hrda": "segjax.methods.daformer:HRDA",
     "vfm_uda": "segjax.methods.daformer:VFMUDA",
+    "vfm_uda_pp": "segjax.methods.daformer:VFMUDAPlusPlus",
 }
 
 

@@ -47,6 +47,12 @@ class Method:
     {state: (config field, 'WORKDIR[:latest|best|STEP]' or '')}."""
     return {}
 
+  def load_initial(self, states: dict, mesh) -> dict:
+    """A fresh run's states once its segmenters have their starting weights: here the
+    method loads files of its own (VFM-UDA++'s frozen DINOv2)."""
+    del mesh
+    return states
+
   @property
   def schedules(self) -> dict[str, optax.Schedule]:
     return {"seg": self.seg_lr}

@@ -42,16 +42,18 @@ segmenters in `segjax.models.segformer` (configs/daformer.py sets them all).
 """
 
 import functools
+import os
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segjax import data, losses, models
+from segjax import data, losses, models, parallel
 from segjax.data import pipeline
 from segjax.methods import base, self_training
-from segjax.models import weights
+from segjax.models import layers, weights
+from segjax.models.backbones import vit
 
 CITYSCAPES_THINGS = ("traffic light", "traffic sign", "person", "rider", "car", "truck", "bus",
                      "train", "motorcycle", "bicycle")
@@ -296,3 +298,170 @@ class VFMUDA(DAFormer):
     """The student on the target images with their masked tokens."""
     return base.segment(seg, params, stats, self.preprocess(inputs["image"]), rng,
                         token_mask=inputs["token_mask"])
+
+
+def feature_distance_loss(student: jax.Array, frozen: jax.Array):
+  """(sum, count) over the pixels of VFM-UDA++'s distillation loss between (N, h, w, C) maps:
+  0.1 x smooth L1 (beta 1) averaged over channels + 0.9 x (1 - cosine similarity)."""
+  student, frozen = student.astype(jnp.float32), frozen.astype(jnp.float32)
+  diff = jnp.abs(student - frozen)
+  smooth_l1 = jnp.mean(jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5), axis=-1)
+  eps = 1e-8  # PyTorch's cosine_similarity: each norm at least eps.
+  cosine = jnp.sum(student * frozen, -1) / (
+      jnp.maximum(jnp.linalg.norm(student, axis=-1), eps)
+      * jnp.maximum(jnp.linalg.norm(frozen, axis=-1), eps))
+  per_pixel = 0.1 * smooth_l1 + 0.9 * (1.0 - cosine)
+  return jnp.sum(per_pixel), per_pixel.size
+
+
+class VFMUDAPlusPlus(VFMUDA):
+  """VFM-UDA++ (Englert et al. 2025, tue-mps/vfm-uda-plusplus `training/uda/uda.py`): VFM-UDA's
+  self-training of a ViT-Adapter segmenter (`segjax.models.vit_adapter`, `vfmpp_vit_*`), with
+
+    * MIC's block masking instead of token masking: the strongly augmented
+      target image, resized to the encoder's input (1024 -> 1120), keeps each
+      of round(side / `mic_block`) (64) cells per side with probability
+      1 - `mic_ratio` (0.7); the rest is 0 after normalisation (`loss_mask`);
+    * the source images of the student's source pass strongly augmented
+      (`st_source_strong`): colour jitter 0.8/0.8/0.8/0.4 with probability
+      0.8, grayscale with probability 0.1, a Gaussian blur (sigma 0.15-3) with
+      probability 0.5;
+    * the feature distance to a frozen DINOv2 (`fd_model`, `fd_registers`,
+      read from `adapt.fd_weights`; VFM-UDA++: ViT-L/14 with registers) on
+      the source and on the target images, each its own pass of the student:
+      the image with VFM-UDA++'s weak colour jitter (brightness 32/255,
+      contrast and saturation 0.5, hue 18/360, probability 0.9) through the
+      student, its 1/32 adapter output through the distillation head, resized
+      bilinearly to the frozen model's grid; the frozen model sees the
+      un-jittered image resized to `fd_size` (406 x 406, a 29x29 grid) and
+      gives its patch tokens after the final norm. Per pixel
+      0.1 x smooth L1 (channel mean) + 0.9 x (1 - cosine), averaged over the
+      global batch's pixels, x `fd_source` (0.1) and x `fd_target` (0.1):
+      `loss_fd_source`, `loss_fd_target`. Without `adapt.fd_weights` the frozen
+      model would be random: the distance is off, with a log line.
+  The frozen model is the state 'vfm' ({'params': the ViT's}), read on a
+  fresh run and checkpointed with the others.
+  """
+  adapt_fields = {
+      **VFMUDA.adapt_fields,
+      "mic_block": 64,
+      "st_source_strong": True,
+      "fd_source": 0.1,
+      "fd_target": 0.1,
+      "fd_model": "vit_l14",
+      "fd_registers": 4,
+      "fd_weights": "",
+      "fd_size": (406, 406),
+  }
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+    # self_training's checks; VFMUDA's and DAFormer's are for token masking and DAFormer's
+    # feature distance.
+    self_training.SelfTraining.__init__(self, config, num_classes)
+    adapt = self.adapt
+    if not config.model.name.startswith("vfmpp_"):
+      raise ValueError(f"adapt.method='vfm_uda_pp' trains a ViT-Adapter segmenter (model.name "
+                       f"vfmpp_vit_s14, vfmpp_vit_b14, vfmpp_vit_l14); got model.name="
+                       f"{config.model.name!r}.")
+    if adapt.fd_lambda:
+      raise ValueError(f"adapt.fd_lambda={adapt.fd_lambda}: VFM-UDA++'s feature distance is "
+                       "adapt.fd_source / adapt.fd_target; set adapt.fd_lambda to 0.")
+    if not 0.0 <= adapt.mic_ratio < 1.0:
+      raise ValueError(f"adapt.mic_ratio={adapt.mic_ratio} must be in [0, 1).")
+    if adapt.mic_block < 1:
+      raise ValueError(f"adapt.mic_block={adapt.mic_block} must be a positive number of pixels.")
+    if adapt.fd_source < 0 or adapt.fd_target < 0:
+      raise ValueError(f"adapt.fd_source={adapt.fd_source} and adapt.fd_target="
+                       f"{adapt.fd_target} must be >= 0.")
+    if adapt.fd_model not in vit.SIZES:
+      raise ValueError(f"adapt.fd_model={adapt.fd_model!r} must be one of {sorted(vit.SIZES)}.")
+    self.fd_lambda, self.mic = 0.0, True
+    self.fd_weights = adapt.fd_weights
+    self.fd = bool(self.fd_weights) and (adapt.fd_source > 0 or adapt.fd_target > 0)
+    if not self.fd_weights and (adapt.fd_source or adapt.fd_target):
+      logging.info("VFM-UDA++'s feature distance off: adapt.fd_weights is not set, so the "
+                   "frozen DINOv2 would be a random one.")
+    width = vit.SIZES[adapt.fd_model][0]
+    if self.fd and config.model.get("distill_features", 0) != width:
+      raise ValueError(f"model.distill_features={config.model.get('distill_features', 0)}: the "
+                       f"distillation head must give the frozen {adapt.fd_model}'s {width} "
+                       f"channels (adapt.fd_model); set model.distill_features={width}.")
+    self.segmenter = models.build_segmenter(config.model, num_classes)
+    self.frozen = vit.VisionTransformer(adapt.fd_model, adapt.fd_registers,
+                                        pos_antialias=adapt.fd_registers > 0)
+
+  def state_inits(self, rng, seg_init):
+    inits = self_training.SelfTraining.state_inits(self, rng, seg_init)
+    if self.fd:
+      size = tuple(self.adapt.fd_size)
+      inits["vfm"] = lambda: {"params": self.frozen.init(
+          jax.random.key(0), jnp.zeros((1, *size, 3)))["params"]}
+    return inits
+
+  def load_initial(self, states, mesh):
+    if not self.fd:
+      return states
+    path = self.fd_weights
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"adapt.fd_weights={path!r} (the frozen DINOv2 of VFM-UDA++'s "
+                              "feature distance) does not exist.")
+    host = jax.device_get({"params": {weights.BACKBONE: states["vfm"]["params"]}})
+    loaded, report = weights.load_backbone(host, path, vit.KEY_MAP)
+    logging.info("adapt.fd_weights: %s", report.summary(path))
+    return dict(states, vfm=parallel.replicate_host(
+        {"params": loaded["params"][weights.BACKBONE]}, mesh))
+
+  def source_images(self, images, example_keys):
+    """VFM-UDA++'s strong augmentation of the source images (`use_strong_aug_source`)."""
+    if not self.adapt.st_source_strong:
+      return images
+
+    def one(image, key):
+      jitter, gray, blur = jax.random.split(jax.random.fold_in(key, 3), 3)
+      x = self_training.color_jitter(image, jitter, 0.8, 0.8, hue=0.4)
+      luma = (x @ jnp.array([0.299, 0.587, 0.114], jnp.float32))[..., None]
+      x = jnp.where(jax.random.uniform(gray) < 0.1, jnp.broadcast_to(luma, x.shape), x)
+      return self_training.gaussian_blur(x, blur, 0.5, (0.15, 3.0))
+    return jax.vmap(one)(images.astype(jnp.float32), example_keys)
+
+  def draw_masks(self, keys, size):
+    """MIC's kept blocks at the encoder's input size: {'keep': (N, H', W')}."""
+    size = self.segmenter.encoder_size(*size)
+    return {"keep": jax.vmap(lambda key: block_mask(key, *size, self.adapt.mic_block,
+                                                    self.adapt.mic_ratio))(keys)}
+
+  def masked_pass(self, seg, params, stats, inputs, rng):
+    return base.segment(seg, params, stats, self.preprocess(inputs["image"]), rng,
+                        keep=inputs["keep"])
+
+  def extra_passes(self, states, src, tgt, example_keys, rng, axis_name):
+    if not self.fd:
+      return []
+    seg = states["seg"]
+    passes = []
+    for i, (domain, images, weight) in enumerate((
+        ("source", src["image"], self.adapt.fd_source),
+        ("target", tgt["image"], self.adapt.fd_target))):
+      if not weight:
+        continue
+      frozen_input = layers.resize_bilinear(self.preprocess(images), *self.adapt.fd_size)
+      out = self.frozen.apply(states["vfm"], frozen_input)
+      frozen = jax.lax.stop_gradient(self.frozen.patch_maps(out["tokens"], out["grid"]))
+      keys = jax.vmap(lambda key, i=i: jax.random.fold_in(key, 4 + i))(example_keys)
+      jittered = jax.vmap(lambda image, key: self_training.color_jitter(
+          image, key, 0.5, 0.9, brightness=32 / 255, hue=18 / 360))(
+              images.astype(jnp.float32), keys)
+      name = f"loss_fd_{domain}"
+
+      def fd_pass(params, inputs, stats, weight=weight, name=name, i=i):
+        out, stats = base.segment(seg, params, stats, self.preprocess(inputs["image"]),
+                                  jax.random.fold_in(rng, 10 + i))
+        student = seg.apply_fn({"params": params}, out["features"],
+                               method="distill_features_of")
+        student = layers.resize_bilinear(student.astype(jnp.float32),
+                                         *inputs["frozen"].shape[1:3])
+        loss = weight * losses.global_mean(*feature_distance_loss(student, inputs["frozen"]),
+                                           axis_name)
+        return loss, (stats, {name: loss})
+      passes.append((fd_pass, {"image": jittered, "frozen": frozen}))
+    return passes

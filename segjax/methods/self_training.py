@@ -47,7 +47,6 @@ from segjax.data import augment, pipeline
 from segjax.methods import base
 
 _BLUR_SIGMA = (0.15, 1.15)
-_BLUR_RADIUS = math.ceil(3 * _BLUR_SIGMA[1])
 
 
 def ema_alpha(step: jax.Array, alpha: float) -> jax.Array:
@@ -71,32 +70,44 @@ def classmix_mask(label: jax.Array, key: jax.Array, num_classes: int) -> jax.Arr
   return chosen[jnp.clip(label, 0, num_classes - 1).astype(jnp.int32)] & (label < num_classes)
 
 
-def color_jitter(image: jax.Array, key: jax.Array, strength: float, prob: float) -> jax.Array:
-  """kornia-style ColorJitter(b, c, s, h = strength) with probability `prob`; image in [0, 255]."""
+def color_jitter(image: jax.Array, key: jax.Array, strength: float, prob: float, *,
+                 brightness: float | None = None, contrast: float | None = None,
+                 saturation: float | None = None, hue: float | None = None) -> jax.Array:
+  """kornia-style ColorJitter(b, c, s, h = strength) with probability `prob`; image in [0, 255].
+
+  `brightness`, `contrast`, `saturation`, `hue` set one factor's range apart from the
+  others' `strength` (torchvision's ColorJitter(32/255, 0.5, 0.5, 18/360), VFM-UDA++'s weak
+  augmentation); the factors are applied in that order.
+  """
+  pick = lambda value: strength if value is None else value
+  b, c, s, h = pick(brightness), pick(contrast), pick(saturation), pick(hue)
   keys = jax.random.split(key, 5)
   apply = jax.random.uniform(keys[0]) < prob
   x = image
   gray = x @ jnp.array([0.299, 0.587, 0.114], jnp.float32)
-  x = x * jax.random.uniform(keys[1], minval=1 - strength, maxval=1 + strength)
+  x = x * jax.random.uniform(keys[1], minval=1 - b, maxval=1 + b)
   mean = jnp.mean(gray)
-  x = (x - mean) * jax.random.uniform(keys[2], minval=1 - strength, maxval=1 + strength) + mean
+  x = (x - mean) * jax.random.uniform(keys[2], minval=1 - c, maxval=1 + c) + mean
   gray = (x @ jnp.array([0.299, 0.587, 0.114], jnp.float32))[..., None]
-  x = (x - gray) * jax.random.uniform(keys[3], minval=1 - strength, maxval=1 + strength) + gray
-  angle = jax.random.uniform(keys[4], minval=-strength, maxval=strength) * 2 * jnp.pi
-  c, s = jnp.cos(angle), jnp.sin(angle)
-  rotation = jnp.array([[1, 0, 0], [0, c, -s], [0, s, c]], jnp.float32)
+  x = (x - gray) * jax.random.uniform(keys[3], minval=1 - s, maxval=1 + s) + gray
+  angle = jax.random.uniform(keys[4], minval=-h, maxval=h) * 2 * jnp.pi
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  rotation = jnp.array([[1, 0, 0], [0, cos, -sin], [0, sin, cos]], jnp.float32)
   x = x @ (augment.YIQ_TO_RGB @ rotation @ augment.RGB_TO_YIQ).T  # Constants, not an LU.
   return jnp.where(apply, jnp.clip(x, 0, 255), image)
 
 
-def gaussian_blur(image: jax.Array, key: jax.Array, prob: float = 0.5) -> jax.Array:
-  """A separable Gaussian blur, sigma from [0.15, 1.15], with probability `prob` (edges clamped)."""
+def gaussian_blur(image: jax.Array, key: jax.Array, prob: float = 0.5,
+                  sigma_range: tuple[float, float] = _BLUR_SIGMA) -> jax.Array:
+  """A separable Gaussian blur, sigma from `sigma_range` ([0.15, 1.15]), with probability
+  `prob`; the kernel spans 3 sigma of the range's top (edges clamped)."""
+  radius = math.ceil(3 * sigma_range[1])
   apply_key, sigma_key = jax.random.split(key)
-  sigma = jax.random.uniform(sigma_key, minval=_BLUR_SIGMA[0], maxval=_BLUR_SIGMA[1])
-  offsets = jnp.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, dtype=jnp.float32)
+  sigma = jax.random.uniform(sigma_key, minval=sigma_range[0], maxval=sigma_range[1])
+  offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
   kernel = jnp.exp(-0.5 * (offsets / sigma) ** 2)
   kernel = kernel / jnp.sum(kernel)
-  x = jnp.pad(image, ((_BLUR_RADIUS,) * 2, (_BLUR_RADIUS,) * 2, (0, 0)), mode="edge")
+  x = jnp.pad(image, ((radius,) * 2, (radius,) * 2, (0, 0)), mode="edge")
   height, width = image.shape[:2]
   x = sum(kernel[i] * x[i:i + height] for i in range(kernel.size))
   x = sum(kernel[i] * x[:, i:i + width] for i in range(kernel.size))
@@ -177,6 +188,19 @@ class SelfTraining(base.Method):
     del target_images, pseudo, weights, example_keys
     return {}
 
+  def source_images(self, images: jax.Array, example_keys: jax.Array) -> jax.Array:
+    """The source images the student's source pass sees (VFM-UDA++ augments them)."""
+    del example_keys
+    return images
+
+  def extra_passes(self, states: dict, src: dict, tgt: dict, example_keys: jax.Array,
+                   rng: jax.Array, axis_name: str) -> list:
+    """More passes of the student, each differentiated on its own after the others:
+    [(loss_fn(params, inputs, stats) -> (loss, (stats, parts)), inputs)]; none here
+    (VFM-UDA++'s feature distances)."""
+    del states, src, tgt, example_keys, rng, axis_name
+    return []
+
   def target_terms(self, seg: steps.TrainState, params, stats, inputs: dict, rng: jax.Array,
                    axis_name: str):
     """More loss terms of the student on target images: (loss, {name: value}, batch
@@ -239,10 +263,12 @@ class SelfTraining(base.Method):
       return loss, (stats, parts)
 
     mixed = {"image": mixed_images, "label": mixed_labels, "weight": mixed_weights}
-    passes = [(source_pass, src), (mixed_pass, mixed)]
+    passes = [(source_pass, dict(src, image=self.source_images(src["image"], example_keys))),
+              (mixed_pass, mixed)]
     extra_inputs = self.target_inputs(tgt["image"], pseudo, weights, example_keys)
     if extra_inputs:
       passes.append((target_pass, extra_inputs))
+    passes += self.extra_passes(states, src, tgt, example_keys, mix_rng, axis_name)
     grads, stats, parts = None, seg.batch_stats, {}
     for loss_fn, inputs in passes:
       if grads is not None:
