@@ -23,8 +23,9 @@ compilation cache, from which the timing process loads the step: its peak is
 the step's own, without XLA:GPU's autotuning, whose scratch buffers took the
 peak to 33 GiB on an H200 for steps that need 5-11 GiB.
 
-The feature distance (DAFormer, HRDA, MIC) is on: `model.backbone_weights`
-names a file that is not read; the weights are random.
+The feature distance (DAFormer, HRDA, MIC, VFM-UDA++) is on:
+`model.backbone_weights` (`adapt.fd_weights`) names a file that is not read;
+the weights are random.
 """
 
 import argparse
@@ -58,6 +59,8 @@ RECIPES = {
     # VFM-UDA's global batch 8 over 8 GPUs: one source + one target image per device.
     "vfm_uda_vitb": _recipe("vfm_uda", batch=1),
     "vfm_uda_vitl_remat": _recipe("vfm_uda", model="vfm_vit_l14", batch=1, remat=True),
+    # VFM-UDA++'s global batch 8 as its README trains it: 2 + 2 images on each of 4 GPUs.
+    "vfm_uda_pp_vitl_remat": _recipe("vfm_uda_pp", batch=2, remat=True),
 }
 
 
@@ -80,6 +83,8 @@ def recipe_config(name: str, tiny: bool):
     config.adapt.mic = recipe["mic"]
   if config.adapt.method in ("daformer", "hrda"):
     config.model.backbone_weights = "not_read.pth"  # Turns the feature distance on.
+  if config.adapt.method == "vfm_uda_pp":
+    config.adapt.fd_weights = "not_read.pth"  # Turns the feature distance on.
   return config
 
 

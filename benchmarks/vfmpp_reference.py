@@ -18,6 +18,7 @@ method with resampling to the grid's size, as segjax (and Hugging Face) do.
 """
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -38,7 +39,7 @@ def main() -> None:
   from torch import nn  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.abspath(args.repo))
   try:
-    import timm.layers  # pylint: disable=import-outside-toplevel,unused-import
+    importlib.import_module("timm.layers")
   except ImportError:  # The adapter imports timm for a patch-size resampling it does not use here.
     import types  # pylint: disable=import-outside-toplevel
     sys.modules["timm"] = types.ModuleType("timm")
@@ -126,6 +127,14 @@ def main() -> None:
     theirs = encoder(x)
     their_logits = nn.functional.interpolate(out(upscale(theirs)), (args.size, args.size),
                                              mode="bilinear", align_corners=False)
+  vit_parts = ("blocks.", "cls_token", "pos_embed", "patch_embed.")
+  their_adapter = sum(p.numel() for name, p in encoder.named_parameters()
+                      if not name.startswith(vit_parts))
+  their_head = sum(p.numel() for p in upscale.parameters()) + out.weight.numel()
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  print(f"parameters: adapter {count(variables['params']['adapter']):,} (official "
+        f"{their_adapter:,}), head {count(variables['params']['head']):,} (official "
+        f"{their_head:,})")
   worst = 0.0
   for i, (o, t) in enumerate(zip(ours, theirs)):
     t = t.numpy().transpose(0, 2, 3, 1)

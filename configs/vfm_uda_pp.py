@@ -46,7 +46,7 @@ distillation head starts from segjax's initialisation, not PyTorch's.
 
 Without roots: the built-in scenes (64x128 crops seen at 224x448 by the
 encoder, `model.input_scale` 3.5: a 16x32 token grid), a ViT-S/14 of 4 blocks
-from scratch with the adapter and head, batch 4 + 4, 1,500 steps with a
+from scratch with the adapter and head, batch 8 + 8, 1,500 steps with a
 150-step warm-up, the decoder at 1e-3; no feature distance (no frozen DINOv2
 to read; set adapt.fd_weights to a DINOv2 ViT-L file, or adapt.fd_model /
 adapt.fd_registers and model.distill_features to another size, to switch it
@@ -78,7 +78,7 @@ def get_config(arg: str | None = None):
     config.model.name = "vfmpp_vit_s14"
     config.model.input_scale = 3.5  # 64x128 -> 224x448: multiples of 224 on both sides.
     config.model.depth = 4
-    config.batch_size = 4
+    config.batch_size = 8
     _vfm_uda_pp_training(config, decoder_lr=1e-3)
     config.adapt.mic_block = 16  # 64 of 1120 pixels, scaled to the 224-row encoder input.
     return config

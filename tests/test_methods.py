@@ -1,6 +1,7 @@
 """Adaptation methods: data parallelism (8 devices == 1), their states, and config errors."""
 
 import functools
+import os
 
 import grain
 import jax
@@ -44,6 +45,13 @@ VARIANTS = {
     # with its lightweight head, token masking, the flip-averaged teacher, drop path on.
     "vfm_uda": {"adapt.method": "vfm_uda", "model.name": "vfm_vit_s14", "model.depth": 2,
                 "model.drop_path_rate": 0.1, "adapt.st_threshold": 0.2, "adapt.st_jitter_p": 1.0},
+    # VFM-UDA++'s step: ViT-S/14 (4 blocks, one per interaction) with the ViT-Adapter and the
+    # pyramid head at 224x224, block masking, the feature distance to a frozen ViT-S/14 with
+    # registers (a random-init file, `_config`) on source and target.
+    "vfm_uda_pp": {"adapt.method": "vfm_uda_pp", "model.name": "vfmpp_vit_s14", "model.depth": 4,
+                   "model.input_scale": 3.5, "model.distill_features": 384, "model.remat": True,
+                   "adapt.st_threshold": 0.2, "adapt.st_jitter_p": 1.0, "adapt.mic_block": 16,
+                   "adapt.fd_model": "vit_s14", "adapt.fd_size": (28, 56)},
 }
 
 # name -> (its states, its metrics).
@@ -61,13 +69,29 @@ EXPECTED = {
     "hrda_mic": ({"seg", "ema"}, {"loss_seg", "loss_detail", "loss_mix", "loss_mix_detail",
                                   "loss_mask", "loss_mask_detail", "pseudo_weight", "lr"}),
     "vfm_uda": ({"seg", "ema"}, {"loss_seg", "loss_mix", "loss_mask", "pseudo_weight", "lr"}),
+    "vfm_uda_pp": ({"seg", "ema", "vfm"}, {"loss_seg", "loss_mix", "loss_mask", "loss_fd_source",
+                                           "loss_fd_target", "pseudo_weight", "lr"}),
 }
+
+
+@functools.cache
+def _dinov2_file() -> str:
+  """A random-init DINOv2 ViT-S/14 with registers in the official layout (vfm_uda_pp's frozen
+  model), written once per test process."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import test_vfm_uda_pp  # pylint: disable=import-outside-toplevel
+  path = os.path.join(tempfile.mkdtemp(), "dinov2_vits14_reg4.safetensors")
+  test_vfm_uda_pp._dinov2_file(path)  # pylint: disable=protected-access
+  return path
 
 
 def _config(variant: str):
   config = test_config.get_config()
   config.model.dropout_rate = 0.1  # On: masks are keyed by the global example index.
-  return uda_testing.override(config, VARIANTS[variant])
+  config = uda_testing.override(config, VARIANTS[variant])
+  if variant == "vfm_uda_pp":
+    config.adapt.fd_weights = _dinov2_file()
+  return config
 
 
 _batch = uda_testing.random_batch
@@ -123,7 +147,7 @@ def _release_compiled_steps():
 # vfm_uda's step here: self_training's (ClassMix, jitter, the EMA teacher) with DAFormer's and
 # VFM-UDA's additions.
 SLOW_VARIANTS = ("adaptsegnet_ls", "adaptsegnet_multi", "minent", "hrda_mic", "mic",
-                 "self_training")
+                 "self_training", "vfm_uda_pp")
 
 
 @pytest.mark.parametrize("variant", [
@@ -160,8 +184,10 @@ def test_method_step_on_8_devices_equals_1_device(variant):
 
 @pytest.mark.parametrize("variant", [
     "self_training", "vfm_uda",
-    # HRDA + MIC (the DAFormer step's states on HRDA's segmenter): minutes to compile.
-    pytest.param("hrda_mic", marks=pytest.mark.slow)])
+    # HRDA + MIC (the DAFormer step's states on HRDA's segmenter) and VFM-UDA++ (its frozen
+    # DINOv2 too): minutes to compile.
+    pytest.param("hrda_mic", marks=pytest.mark.slow),
+    pytest.param("vfm_uda_pp", marks=pytest.mark.slow)])
 def test_a_step_after_a_checkpoint_round_trip_continues_exactly(variant, tmp_path):
   """Every state (self_training's EMA teacher is a plain dict, not a TrainState) is saved and
   restored, so the step after a resume is that of an uninterrupted run. (TrainStates alone:
@@ -254,7 +280,7 @@ def test_strong_augmentation_keeps_flat_images_flat_and_probability_zero_is_iden
 
 # The configs that take GTA5 (or SYNTHIA) and Cityscapes roots.
 UDA_RECIPES = ("adaptsegnet", "advent", "daformer", "fcn_wild", "hrda", "mic", "mpl",
-               "pseudo_label", "self_training", "source_only", "vfm_uda")
+               "pseudo_label", "self_training", "source_only", "vfm_uda", "vfm_uda_pp")
 
 
 def test_every_config_holds_its_methods_fields_and_no_others():

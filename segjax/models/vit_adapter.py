@@ -118,8 +118,9 @@ def deformable_attention(value: jax.Array, shapes: list[tuple[int, int]],
         weight = jnp.where(inside, wx * wy, 0.0) * a  # (N, Lq, M, P)
         index = index.transpose(0, 2, 1, 3).reshape(n, m, lq * locations.shape[4], 1)
         sampled = jnp.take_along_axis(v, index, axis=2).reshape(n, m, lq, -1, dh)
-        out = out + jnp.einsum("nmqpd,nmqp->nmqd", sampled.astype(jnp.float32),
-                               weight.transpose(0, 2, 1, 3))
+        out = out + jnp.einsum("nmqpd,nmqp->nmqd", sampled,
+                               weight.transpose(0, 2, 1, 3).astype(sampled.dtype),
+                               preferred_element_type=jnp.float32)
   return out.transpose(0, 2, 1, 3).reshape(n, lq, m * dh).astype(value.dtype)
 
 
@@ -247,24 +248,29 @@ class SpatialPrior(nn.Module):
 
 
 class Interaction(nn.Module):
-  """The injector, then (in the caller) the ViT's blocks, then the extractor(s)."""
+  """The injector, then (in the caller) the ViT's blocks, then the extractor(s); `remat`
+  recomputes each in the backward pass (the deformable attention's samples are most of the
+  adapter's activations)."""
   heads: int
   extra: bool = False  # Two more extractors (the last interaction).
+  remat: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.injector = Injector(self.heads, **kw)
-    self.extractor = Extractor(self.heads, **kw)
-    self.extra_extractors = [Extractor(self.heads, **kw) for _ in range(2 if self.extra else 0)]
+    injector = nn.remat(Injector, static_argnums=(4,)) if self.remat else Injector
+    extractor = nn.remat(Extractor, static_argnums=(4, 5)) if self.remat else Extractor
+    self.injector = injector(self.heads, **kw)
+    self.extractor = extractor(self.heads, **kw)
+    self.extra_extractors = [extractor(self.heads, **kw) for _ in range(2 if self.extra else 0)]
 
   def inject(self, x, reference, c, shapes):
-    return self.injector(x, reference, c, shapes)
+    return self.injector(x, reference, c, tuple(shapes))
 
   def extract(self, c, reference, x, grid, level_shapes):
     for extractor in [self.extractor, *self.extra_extractors]:
-      c = extractor(c, reference, x, [grid], level_shapes)
+      c = extractor(c, reference, x, (grid,), tuple(level_shapes))
     return c
 
 
@@ -346,7 +352,7 @@ class AdapterSegmenter(nn.Module):
                        "interactions, so it must be a multiple of 4.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.backbone = vit.VisionTransformer(self.size, remat=self.remat, depth=self.depth, **kw)
-    self.adapter = Adapter(width, depth, bn_axis_name=self.bn_axis_name, **kw)
+    self.adapter = Adapter(width, depth, remat=self.remat, bn_axis_name=self.bn_axis_name, **kw)
     self.head = PyramidHead(self.num_classes, self.bn_axis_name, **kw)
     if self.distill_features:
       self.distill = DistillHead(self.distill_features, **kw)
@@ -388,6 +394,7 @@ class Adapter(nn.Module):
   """The ViT-Adapter around the ViT `backbone` (the segmenter's, passed in)."""
   width: int
   depth: int
+  remat: bool = False
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -416,7 +423,8 @@ class Adapter(nn.Module):
     group = self.depth // 4
     outs = []
     for i in range(4):
-      interaction = Interaction(heads, extra=i == 3, name=f"interactions_{i}", **kw)
+      interaction = Interaction(heads, extra=i == 3, remat=self.remat, name=f"interactions_{i}",
+                                **kw)
       patches = interaction.inject(patches, patch_points, c, levels)
       tokens = jnp.concatenate([cls, patches], axis=1)
       for block in backbone.blocks[i * group:(i + 1) * group]:
