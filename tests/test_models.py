@@ -56,10 +56,11 @@ def test_every_registered_segmenter_is_trained_by_a_test():
     # tests/test_mit.py, their training step by tests/test_daformer.py's slow test. ViT-S/14
     # stands for VFM-UDA's other encoders in CI: the same code, wider, deeper or with register
     # tokens (ViT-L's took 76-89 s each in CI; the registers' forward is checked against Hugging
-    # Face by tests/test_vit.py).
+    # Face by tests/test_vit.py). VFM-UDA++'s segmenters took 82-221 s each (the adapter at
+    # 224x224 at least); their forward at a non-square size is tests/test_vfm_uda_pp.py's.
     pytest.param(n, marks=pytest.mark.slow)
     if n in ("bisenet_r101", "fcn32s_vgg16", "deeplabv3plus_r50") or "_mitb" in n
-    or n.startswith(("vfm_vit_b", "vfm_vit_l")) or n == "vfm_vit_s14_reg4"
+    or n.startswith(("vfm_vit_b", "vfm_vit_l", "vfmpp_")) or n == "vfm_vit_s14_reg4"
     else n
     for n in sorted(set(models.SEGMENTERS) - TRAINED_BY_RECIPES)])
 def test_segmenter_trains_at_an_odd_input_size(name):
