@@ -1,5 +1,5 @@
 """VFM-UDA++: the ViT-Adapter segmenter, its checkpoints, the layer-wise learning rates, the
-feature distance and the masks. (8 = 1 devices and resume: tests/test_methods.py's
+feature distance and the masks. (4 = 1 devices at batch 4 and resume: tests/test_methods.py's
 'vfm_uda_pp', in the slow set; the whole segmenter against the official PyTorch code:
 benchmarks/vfmpp_reference.py.)"""
 
