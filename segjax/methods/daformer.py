@@ -355,9 +355,8 @@ class VFMUDAPlusPlus(VFMUDA):
   }
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
-    # self_training's checks; VFMUDA's and DAFormer's are for token masking and DAFormer's
-    # feature distance.
-    self_training.SelfTraining.__init__(self, config, num_classes)
+    # DAFormer's checks (MIC's fields among them); VFMUDA's are for token masking.
+    DAFormer.__init__(self, config, num_classes)  # pylint: disable=non-parent-init-called
     adapt = self.adapt
     if not config.model.name.startswith("vfmpp_"):
       raise ValueError(f"adapt.method='vfm_uda_pp' trains a ViT-Adapter segmenter (model.name "
@@ -366,16 +365,11 @@ class VFMUDAPlusPlus(VFMUDA):
     if adapt.fd_lambda:
       raise ValueError(f"adapt.fd_lambda={adapt.fd_lambda}: VFM-UDA++'s feature distance is "
                        "adapt.fd_source / adapt.fd_target; set adapt.fd_lambda to 0.")
-    if not 0.0 <= adapt.mic_ratio < 1.0:
-      raise ValueError(f"adapt.mic_ratio={adapt.mic_ratio} must be in [0, 1).")
-    if adapt.mic_block < 1:
-      raise ValueError(f"adapt.mic_block={adapt.mic_block} must be a positive number of pixels.")
     if adapt.fd_source < 0 or adapt.fd_target < 0:
       raise ValueError(f"adapt.fd_source={adapt.fd_source} and adapt.fd_target="
                        f"{adapt.fd_target} must be >= 0.")
     if adapt.fd_model not in vit.SIZES:
       raise ValueError(f"adapt.fd_model={adapt.fd_model!r} must be one of {sorted(vit.SIZES)}.")
-    self.fd_lambda, self.mic = 0.0, True
     self.fd_weights = adapt.fd_weights
     self.fd = bool(self.fd_weights) and (adapt.fd_source > 0 or adapt.fd_target > 0)
     if not self.fd_weights and (adapt.fd_source or adapt.fd_target):
@@ -387,8 +381,10 @@ class VFMUDAPlusPlus(VFMUDA):
                        f"distillation head must give the frozen {adapt.fd_model}'s {width} "
                        f"channels (adapt.fd_model); set model.distill_features={width}.")
     self.segmenter = models.build_segmenter(config.model, num_classes)
+    # In the student's compute dtype (VFM-UDA++ runs it under the same autocast).
     self.frozen = vit.VisionTransformer(adapt.fd_model, adapt.fd_registers,
-                                        pos_antialias=adapt.fd_registers > 0)
+                                        pos_antialias=adapt.fd_registers > 0,
+                                        dtype=layers.dtype_of(config.model.dtype))
 
   def state_inits(self, rng, seg_init):
     inits = self_training.SelfTraining.state_inits(self, rng, seg_init)
