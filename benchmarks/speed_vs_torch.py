@@ -31,6 +31,9 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from segjax import hostmem  # pylint: disable=wrong-import-position  (imports no JAX)
+
 DEFAULT_PEERS = os.path.join(REPO_ROOT, "..", "shared", "bench", "peers")
 PEER_NAMES = {"bisenet_r18": "bisenet_r18", "fcn8s_vgg16": "fcn8s_vgg16",
               "deeplabv3plus_r50": "deeplabv3p_r50"}
@@ -125,6 +128,8 @@ def run_jax(args, model, mode, dtype) -> dict:
          "--dtypes", dtype, "--batch", str(args.batch), "--hw", args.hw,
          "--warmup", str(args.warmup), "--iters", str(args.iters)]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+  # segjax's commands run with glibc's huge-page malloc on a CPU-only host (segjax.hostmem).
+  env = hostmem.huge_page_environment(env) or env
   if args.tiny:
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   return _last_json(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True))

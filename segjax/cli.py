@@ -1,7 +1,9 @@
 """What segjax's commands share: `run` (absl.app.run with clear errors), a trained run's flags.
 
 Every command (segjax.main, evaluate, predict, segjax.tools.*) starts with
-`cli.run(main)`, which gives them one behaviour:
+`cli.run(main)`, which gives them one behaviour (`python -m segjax.<command>`
+has already restarted with huge-page malloc on a CPU-only host, while the
+segjax package was imported: `segjax.hostmem`):
 
   exit status 2   the command line is wrong, and nothing ran: an unknown flag
                   or config field, a bad flag value, a missing required flag,

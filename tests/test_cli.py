@@ -27,6 +27,7 @@ OWN_FLAGS = {
     "segjax.tools.cache_data": ("config", "fields"),
     "segjax.tools.category_stats": ("config", "out", "max_examples"),
     "segjax.tools.check_data": ("config", "fields", "show"),
+    "segjax.tools.collect_env": (),
     "segjax.tools.convert_weights": ("input", "output"),
     "segjax.tools.data_stats": ("config", "out", "field", "max_examples", "num_images"),
     "segjax.tools.make_pseudo_labels": ("config", "workdir", "checkpoint", "out"),

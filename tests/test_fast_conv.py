@@ -92,14 +92,16 @@ def test_conv_bfloat16(geometry):
     ((2, 64, 128, 256), 1, 2, 0, 1, 512, ("taps",) * 3),
     ((2, 16, 32, 2048), 3, 1, 12, 12, 256, ("taps",) * 3),   # DeepLabV3+'s ASPP
     ((2, 8, 16, 512), 7, 1, 3, 1, 4096, ("taps",) * 3),      # VGG's fc6
-    ((2, 8, 16, 512), 3, 1, 1, 1, 512, ("xla", "taps", "taps")),
-    ((2, 64, 128, 64), 3, 1, 1, 1, 64, ("xla", "xla", "taps")),
+    ((2, 8, 16, 512), 3, 1, 1, 1, 512, ("xla", "taps", "rows")),
+    ((2, 64, 128, 64), 3, 1, 1, 1, 64, ("xla", "xla", "rows")),    # ResNet's layer1
     ((2, 256, 512, 64), 3, 1, 1, 1, 64, ("xla", "xla", "rows")),   # VGG's conv1_2
     ((2, 256, 512, 3), 3, 1, 1, 1, 64, ("xla", "xla", "taps")),    # VGG's conv1_1
     ((2, 128, 256, 128), 3, 1, 1, 1, 128, ("xla", "xla", "rows")),  # VGG's conv2_2
-    ((2, 256, 512, 3), 7, 2, 3, 1, 64, ("xla", "s2d", "taps")),    # ResNet's stem
-    ((2, 256, 512, 19), 4, 2, 1, 1, 64, ("xla", "s2d", "taps")),   # the FCD's first layer
-    ((2, 64, 128, 128), 4, 2, 1, 1, 256, ("xla", "s2d", "taps")),
+    ((2, 256, 512, 3), 7, 2, 3, 1, 64, ("xla", "s2d", "xla")),     # ResNet's stem
+    ((2, 256, 512, 19), 4, 2, 1, 1, 64, ("xla", "s2d", "xla")),    # the FCD's first layer
+    ((2, 64, 128, 128), 4, 2, 1, 1, 256, ("xla", "s2d", "xla")),   # the FCD's third layer
+    ((2, 32, 64, 256), 4, 2, 1, 1, 512, ("xla", "taps", "taps")),  # the FCD's fourth layer
+    ((2, 64, 128, 64), 3, 2, 1, 1, 128, ("xla", "xla", "taps")),   # ResNet's layer2 downsampling
 ])
 def test_plan_per_shape(x_shape, k, stride, padding, dilation, cout, expected):
   plan = _plan(x_shape, k, stride, padding, dilation, cout)
