@@ -37,13 +37,18 @@ plans each convolution:
     Forward: taps for 1x1 kernels and where taps skip padding on maps of at
     most 16x32 outputs, else XLA (which also fuses the BatchNorm and ReLU
     that follow). Input gradient: taps on maps of at most 16x32, s2d for
-    stride 2 on large maps, else XLA. Kernel gradient: rows for stride-1
-    convolutions of 32 or more input channels on maps of 128x256 and more
-    (VGG's conv1_2: 349 ms, taps 418, XLA 2451), else taps. XLA's is never
-    faster and is far slower on large maps with few input channels: 200 ms
-    against 56 for the FCD discriminator's first layer (19 to 64 channels,
-    4x4 stride 2, 2x256x512 input), 112 against 37 for ResNet's stem
-    (jax 0.10.2; benchmarks/conv_formulations.py times each candidate).
+    stride 2 on large maps, else XLA. Kernel gradient: XLA's for stride 2 on
+    the maps where the input gradient is s2d (ResNet's stem: 15.0 ms, taps
+    20.6; BiSeNet's whole supervised step was 5-9% slower with taps there
+    under glibc's default malloc, the same within noise with huge pages); rows for
+    every other stride-1 convolution of 32 or more input channels whose taps
+    read little padding (ResNet's layer1, 64 channels at 64x128: 9.5 ms, taps
+    11.9, XLA 9.9; VGG's conv1_2: 144 ms, taps 193, XLA 372); else taps (VGG's
+    conv1_1, 3 input channels: 20.5 ms, rows 94.7, XLA 23.0). Each rule was
+    kept only where BiSeNet-R18's whole supervised and AdaptSegNet steps ran
+    no slower with it (jax 0.10.2, XLA:CPU with YNNPACK, huge-page malloc as
+    segjax's commands run: `segjax.hostmem`; `benchmarks/conv_formulations.py`
+    times each candidate of each layer).
 These rules come from timing each candidate on every convolution of the
 segmentation models and the discriminator on a 2-core AVX-512 machine. All
 formulations sum the same products as lax, so results agree to float
@@ -266,8 +271,9 @@ def _kernel_grad_rows(x, g, plan: _Plan):
   wp, cin, cout = xp.shape[2], x.shape[-1], g.shape[-1]
   shifted = jnp.concatenate([_pad(g, ((0, 0), (j * dw, wp - wo - j * dw))) for j in range(kw)],
                             axis=-1)  # column j*dw + b holds g(b) in block j
-  # [g shifted]^T @ (input rows), not its transpose: XLA:CPU computes this order 1.1-2.8x faster
-  # (5.1 ms instead of 14.4 for ResNet's layer1, 2x64x128x64; benchmarks/conv_formulations.py).
+  # [g shifted]^T @ (input rows), then transposed: XLA:CPU computes this order of the product up
+  # to 1.15x faster and never slower (VGG's conv1_2: 204 ms instead of 233; 2x64x128x256 maps
+  # with 256 output channels: 88 instead of 98; equal on maps of 16x32 and less).
   grads = [_gram(shifted, lax.slice_in_dim(xp, i * dh, i * dh + ho, axis=1)) for i in range(kh)]
   return jnp.stack(grads).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
 
