@@ -5,12 +5,12 @@ training step packed into one block, from malloc: 475 MB for BiSeNet-R18's
 supervised step at batch 2, 256x512, and about 1 GB for its AdaptSegNet step.
 glibc serves a block that large from a fresh mmap on every call and unmaps it
 on free, so every step touches a gigabyte of new memory 4 KiB page by page:
-270,000 page faults and 0.9 s of kernel time per adaptation step, more than
-half the step's wall time on 2 cores. With glibc's `glibc.malloc.hugetlb=1`
-tunable, malloc asks the kernel for transparent huge pages for such blocks
-(2 MiB pages, in the kernel's default `madvise` mode): about 1,500 faults and
-0.13 s of kernel time per step, and BiSeNet's AdaptSegNet step goes from about
-1.6 s to 1.1 s (benchmarks/speed_vs_torch.py, README "Speed against PyTorch").
+270,000 page faults and 0.87 s of kernel time per adaptation step, beside 2.0
+s of user time. With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks the
+kernel for transparent huge pages for such blocks (2 MiB pages, in the
+kernel's default `madvise` mode): about 1,500 faults and 0.13 s of kernel time
+per step, and BiSeNet's AdaptSegNet step goes from about 1.6 s to 1.1 s
+(benchmarks/speed_vs_torch.py, README "Speed against PyTorch").
 
 A tunable is read when a process starts, so `restart_with_huge_pages` restarts
 the command (execve: same PID, same arguments) with it in `GLIBC_TUNABLES`,
@@ -18,13 +18,12 @@ once: `python -m segjax.<command>` restarts while Python imports the segjax
 package (`restart_segjax_command`, from segjax/__init__.py), before the
 command's 5 s of imports. Nothing else restarts: not a program that imports
 segjax, nor one that runs a command's module in its own process (the tests'
-`commands.run`). It does so only where it helps and
-changes nothing else: Linux with glibc 2.35 or later, transparent huge pages
-not switched off, and a JAX that can only run on the CPU (no accelerator
-plugin installed, or JAX_PLATFORMS starting with cpu). It allocates host
-memory differently and nothing more: what XLA compiles, for any platform, is
-unchanged. `SEGJAX_HUGE_PAGES=0` turns it off. Code that imports segjax as a
-library gets it by starting Python with
+`commands.run`). It restarts only where the tunable helps: Linux with glibc
+2.35 or later, transparent huge pages not switched off, and a JAX that can
+only run on the CPU (no accelerator plugin installed, or JAX_PLATFORMS
+starting with cpu). It allocates host memory differently and nothing more:
+what XLA compiles, for any platform, is unchanged. `SEGJAX_HUGE_PAGES=0` turns
+it off. Code that imports segjax as a library gets it by starting Python with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment.
 """
 
