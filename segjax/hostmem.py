@@ -37,7 +37,7 @@ import sys
 TUNABLE = "glibc.malloc.hugetlb"
 SETTING = f"{TUNABLE}=1"
 OFF_ENV = "SEGJAX_HUGE_PAGES"
-THP_SWITCH = "/sys/kernel/mm/transparent_hugepage/enabled"
+THP_SWITCH = "/sys/kernel/mm/transparent_hugepage/enabled"  # The kernel's setting (sysfs).
 
 
 def _glibc_with_hugetlb() -> bool:
@@ -52,13 +52,19 @@ def _glibc_with_hugetlb() -> bool:
   return name == "glibc" and (major, minor) >= (2, 35)
 
 
-def _huge_pages_allowed() -> bool:
-  """Transparent huge pages are not switched off ('[never]') by the kernel's setting."""
+def huge_page_mode() -> str | None:
+  """The kernel's transparent-huge-page setting ('always [madvise] never'), None if unreadable."""
   try:
     with open(THP_SWITCH, encoding="ascii") as f:
-      return "[never]" not in f.read()
+      return f.read().strip()
   except OSError:
-    return False
+    return None
+
+
+def _huge_pages_allowed() -> bool:
+  """Transparent huge pages are not switched off ('[never]') by the kernel's setting."""
+  mode = huge_page_mode()
+  return mode is not None and "[never]" not in mode
 
 
 def _cpu_only_jax(environ) -> bool:

@@ -29,14 +29,6 @@ def _version(package: str) -> str:
     return "not installed"
 
 
-def _huge_page_mode() -> str:
-  try:
-    with open(hostmem.THP_SWITCH, encoding="ascii") as f:
-      return f.read().strip()
-  except OSError:
-    return "unknown (no " + hostmem.THP_SWITCH + ")"
-
-
 def report() -> list[tuple[str, str]]:
   """(name, value) lines of the report."""
   import jax  # pylint: disable=import-outside-toplevel  (after any restart, like the commands)
@@ -48,7 +40,8 @@ def report() -> list[tuple[str, str]]:
             ("jax backend", jax.default_backend()),
             ("devices", ", ".join(str(d) for d in jax.devices())),
             ("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")),
-            ("transparent huge pages", _huge_page_mode()),
+            ("transparent huge pages",
+             hostmem.huge_page_mode() or f"unknown (no {hostmem.THP_SWITCH})"),
             ("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES", ""))]
   return lines
 
