@@ -124,6 +124,36 @@ def test_target_stream_has_no_labels_and_domains_advance_in_lockstep():
   assert batch["source"]["label"].shape == (8, 32, 64)
 
 
+def test_no_target_crop_depends_on_the_target_labels(monkeypatch):
+  """With DAFormer's cat_max_ratio, source crops are redrawn by their labels; the target's
+  labels are dropped before the augmentation reads them, so its crops are the same whatever
+  the labels say (here: one class everywhere, which a redraw by labels could never pass)."""
+  config = test_config.get_config()
+  config.data.augment.cat_max_ratio = 0.75
+  get = lambda: _take(iter(pipeline.train_dataset(config, with_target=True, process_index=0,
+                                                  process_count=1)), 3)
+  want = get()
+  build = pipeline.data.build_source
+
+  def one_class_target(sub, field, **kw):
+    source = build(sub, field, **kw)
+    if field != "data.target":
+      return source
+    relabel = lambda record: dict(record, label=np.zeros_like(record["label"]))
+    return [relabel(source[i]) for i in range(len(source))]
+
+  monkeypatch.setattr(pipeline.data, "build_source", one_class_target)
+  got = get()
+  _assert_batches_equal(got, want)
+  # The source's crops do follow its labels: the same relabelling of the source changes them.
+  monkeypatch.setattr(pipeline.data, "build_source", lambda sub, field, **kw: [
+      dict(r, label=np.zeros_like(r["label"])) for r in build(sub, field, **kw)]
+      if field == "data.source" else build(sub, field, **kw))
+  relabelled = get()
+  assert any(not np.array_equal(a["source"]["image"], b["source"]["image"])
+             for a, b in zip(relabelled, want))
+
+
 def test_each_domain_can_have_its_own_crop_and_bad_crops_name_the_field():
   config = test_config.get_config()
   config.data.source.crop_size = (24, 40)

@@ -50,7 +50,9 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, *, brightness: flo
 class TrainAugment(grain.transforms.RandomMap):
   """Scale by a random factor, crop `crop_size` at random (padding with ignore), flip, jitter.
 
-  Records without a label (unlabelled target images) are augmented the same way.
+  Records without a label (unlabelled target images) are augmented the same way;
+  `drop_label` drops a record's label before anything reads it (the target
+  images of adaptation, whose labels training never uses), with the same draws.
   `cat_max_ratio` < 1 (mmseg's RandomCrop): a labelled crop is redrawn, up to 10
   times, until no class covers `cat_max_ratio` or more of its labelled
   pixels (a crop of a single class is redrawn too).
@@ -70,9 +72,11 @@ class TrainAugment(grain.transforms.RandomMap):
   hue: float = 0.0
   cat_max_ratio: float = 1.0
   pseudo_margins: tuple[int, int, int, int] | tuple[()] = ()
+  drop_label: bool = False
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    image, label = element["image"], element.get("label")
+    image = element["image"]
+    label = None if self.drop_label else element.get("label")
     valid = None
     if self.pseudo_margins:
       above, below, before, after = self.pseudo_margins

@@ -33,11 +33,6 @@ def _stream_seed(seed: int, stream: int) -> int:
   return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
-def _drop_label(element: dict) -> dict:
-  """Target images are unlabelled for training: their labels never enter the stream."""
-  return {key: value for key, value in element.items() if key != "label"}
-
-
 def _as_domains(pair: tuple) -> dict:
   return {"source": pair[0], "target": pair[1]}
 
@@ -70,13 +65,19 @@ def pseudo_margins(config: ml_collections.ConfigDict) -> tuple[int, int, int, in
   return margins
 
 
-def _augmentation(config: ml_collections.ConfigDict, domain: str) -> TrainAugment:
+def _augmentation(config: ml_collections.ConfigDict, domain: str,
+                  target_labels: bool = False) -> TrainAugment:
+  """The source's augmentation, or the target's: its labels dropped before the augmentation
+  reads them unless they are `target_labels` (pseudo labels), and no `cat_max_ratio` redraws,
+  so no target crop depends on a label."""
   aug = config.data.augment
+  target = domain == "target"
   return TrainAugment(crop_size=crop_size(config, domain), scale_range=tuple(aug.scale_range),
                       flip=aug.flip, brightness=aug.brightness, contrast=aug.contrast,
                       saturation=aug.saturation, hue=aug.hue,
-                      cat_max_ratio=aug.get("cat_max_ratio", 1.0),
-                      pseudo_margins=pseudo_margins(config) if domain == "target" else ())
+                      cat_max_ratio=1.0 if target else aug.get("cat_max_ratio", 1.0),
+                      pseudo_margins=pseudo_margins(config) if target else (),
+                      drop_label=target and not target_labels)
 
 
 def _domain_stream(source, seed: int, augment: TrainAugment) -> grain.MapDataset:
@@ -169,9 +170,7 @@ def train_batches(config: ml_collections.ConfigDict, *, with_target: bool, proce
     if target_labels:
       target_source = pseudo_label_files.pseudo_labelled_target(config.data.target, target_source)
     target = _domain_stream(target_source, _stream_seed(config.seed, 1),
-                            _augmentation(config, "target"))
-    if not target_labels:
-      target = target.map(_drop_label)
+                            _augmentation(config, "target", target_labels))
     ds = grain.experimental.ZipMapDataset(parents=[source, target]).map(_as_domains)
   else:
     ds = source.map(_as_source)
