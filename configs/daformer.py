@@ -9,20 +9,21 @@
 
 With roots (gta5= or synthia=, and cityscapes=): the published recipe
 (`gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py`): MiT-B5 with
-DAFormer's context-aware fusion head (drop path 0.1, dropout 0.1), GTA5
-resized to 1280x720 (SYNTHIA 1280x760), Cityscapes to 1024x512, random
-512x512 crops with flips, batch 2 source + 2 target; AdamW lr 6e-5, betas
-(0.9, 0.999), weight decay 0.01, 10x lr for the head, no decay on norms;
-linear warm-up over 1,500 steps from 1e-6 of the lr, then poly (power 1)
-to 40,000 steps; EMA teacher 0.999, pseudo-label threshold 0.968, the top
-15 and bottom 120 rows of the pseudo labels ignored, ClassMix, colour jitter
-0.2 (p 0.2) and blur; thing-class ImageNet feature distance 0.005 (needs
-`model.backbone_weights`: the official `mit_b5.pth`, or a Hugging Face
+DAFormer's context-aware fusion head (drop path 0.1, dropout 0.1), GTA5 resized
+to 1280x720 (SYNTHIA 1280x760), Cityscapes to 1024x512, random 512x512 crops
+with flips, batch 2 source + 2 target; AdamW lr 6e-5, betas (0.9, 0.999),
+weight decay 0.01, 10x lr for the head, no decay on norms; linear warm-up over
+1,500 steps from 1e-6 of the lr, then poly (power 1) to 40,000 steps; EMA
+teacher 0.999, pseudo-label threshold 0.968, the top 15 and bottom 120 rows of
+the pseudo labels ignored, ClassMix, colour jitter 0.2 on 80% of the images
+(DAFormer's `color_jitter_probability=0.2` is the share left unjittered: its
+test is `uniform > p`) and blur; thing-class ImageNet feature distance 0.005
+(needs `model.backbone_weights`: the official `mit_b5.pth`, or a Hugging Face
 `nvidia/mit-b5` file); rare-class sampling at temperature 0.01 (images with
-over 3,000 pixels of the class, crops redrawn until it covers 1,500) and
-crops redrawn while one class covers 75% (`cat_max_ratio`). Evaluation on the whole 1024x512 image, scored on the
-2048x1024 labels. Published: 68.3 mIoU GTA5 -> Cityscapes (mean of 3 seeds),
-60.9 mIoU16 SYNTHIA -> Cityscapes.
+over 3,000 pixels of the class, crops redrawn until it covers 1,500) and crops
+redrawn while one class covers 75% (`cat_max_ratio`). Evaluation on the whole
+1024x512 image, scored on the 2048x1024 labels. Published: 68.3 mIoU GTA5 ->
+Cityscapes (mean of 3 seeds), 60.9 mIoU16 SYNTHIA -> Cityscapes.
 
 Differences from the published recipe: the rare-class statistics count the
 labels as training reads them (GTA5 at 1280x720), DAFormer's at their full

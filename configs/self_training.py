@@ -6,8 +6,9 @@
       --workdir=runs/dacs_gta5
 
 Teacher momentum 0.999 and pseudo-label threshold 0.968 (DAFormer's final
-config), ClassMix of half the source classes, colour jitter (0.2, p 0.2) and
-Gaussian blur on the mixed images (UDA-REFERENCE.md 2g).
+config), ClassMix of half the source classes, colour jitter (0.2, on 80% of
+the images: DACS's p 0.2 is the share left alone) and Gaussian blur on the
+mixed images (UDA-REFERENCE.md 2g).
 
 Without roots: the built-in scenes with CompactSeg (as configs/adapt.py).
 With roots (gta5= or synthia=, and cityscapes=): DACS's setting on

@@ -15,7 +15,7 @@ flips, batch 8 source + 8 target; AdamW, betas (0.9, 0.999), weight decay
 0.1x that; linear warm-up over 1,500 steps from 1e-3 of the lr, then
 linear decay to 40,000 steps; EMA teacher 0.999 with its softmax averaged
 over a horizontal flip, pseudo-label threshold 0.968, the top 3% and bottom
-25% of the rows ignored, ClassMix with DACS's colour jitter 0.2 and blur;
+25% of the rows ignored, ClassMix with colour jitter 0.2 (p 0.8) and blur;
 token masking of the strongly augmented target images (70% of the tokens,
 weight 1); rare-class sampling at temperature 0.05 (images with over 6,000
 pixels of the class: 3,000 per 512x1024, scaled to the 1024 crops) with

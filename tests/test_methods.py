@@ -278,6 +278,27 @@ def test_ema_momentum_and_update():
   np.testing.assert_allclose(self_training.ema_update(teacher, student, 0.9)["w"], 0.9)
 
 
+def test_the_teacher_is_the_mean_of_the_students_so_far_as_in_dacs():
+  """DACS updates its teacher at the start of iteration i with alpha = 1 - 1/(i + 1): after the
+  first two steps the teacher is (s0 + s1) / 2, then (s0 + s1 + s2) / 3."""
+  mesh, initial, step, batch = _setup(_config("self_training"), 1)
+  students = [initial["seg"].params]
+  teachers = []
+
+  def keep(_, states):
+    host = jax.device_get(states)
+    students.append(host["seg"].params)
+    teachers.append(host["ema"]["params"])
+    return states
+
+  _steps(mesh, initial, step, batch, num_steps=2, between=keep)
+  mean = lambda trees: jax.tree.map(lambda *a: np.mean(np.stack(a), axis=0), *trees)
+  for teacher, want in zip(teachers, (mean(students[:2]), mean(students[:3]))):
+    jax.tree.map(lambda t, w: np.testing.assert_allclose(t, w, rtol=1e-5, atol=1e-6), teacher,
+                 want)
+  assert not np.allclose(*(jax.tree.leaves(tree)[0] for tree in students[1:3]))
+
+
 def test_strong_augmentation_keeps_flat_images_flat_and_probability_zero_is_identity():
   from segjax.methods import self_training  # pylint: disable=import-outside-toplevel
   image = jax.numpy.asarray(np.random.default_rng(0).uniform(0, 255, (6, 7, 3)), jax.numpy.float32)

@@ -17,20 +17,26 @@ Beyond the seeds: the strongest widely used UDA baseline (Tranheden et al.
      are pasted onto the target image, with the source labels (weight 1) over
      the pseudo labels (weight above).
   3. Strong augmentation of the mixed images as DACS: colour jitter (strength
-     `st_jitter`, applied with probability `st_jitter_p`) and a Gaussian blur
-     (sigma from [0.15, 1.15], probability 0.5).
+     `st_jitter`, applied with probability `st_jitter_p` 0.8) and a Gaussian
+     blur (sigma from [0.15, 1.15], probability 0.5). DACS's and DAFormer's
+     `color_jitter_probability=0.2` is the probability of *no* jitter: their
+     test is `if color_jitter > p` on a uniform draw, so they jitter 80% of
+     the mixed images, as `st_jitter_p=0.8` does here.
   4. The student minimises its source loss + the confidence-weighted CE on the
      mixed images (weighted sum over every pixel / number of pixels). As in
      DACS and DAFormer, which call backward() once per loss, each pass is
      differentiated on its own and the next starts once its gradient is done
      (an optimisation barrier), so a step keeps one pass's activations at a
      time; the gradients add up.
-  5. The teacher follows: alpha_t = min(1 - 1 / (t + 1), st_alpha) with t the
-     step from 0 (so the teacher starts as a copy of the student), on the
-     parameters and the BatchNorm statistics (the teacher runs in inference
-     mode, so its statistics must follow the student's). At step 0 the
-     teacher is the student itself, so backbone weights loaded into the
-     student are the teacher's too.
+  5. The teacher follows: after step t (from 0), teacher = alpha * teacher +
+     (1 - alpha) * student with alpha = min(1 - 1 / (t + 2), st_alpha): DACS's
+     update at the start of its iteration t + 1, alpha_(t+1) = min(1 - 1 /
+     (t + 2), alpha), so the teacher of step t is the mean of the students
+     s_0 ... s_t until the momentum reaches st_alpha. It covers the parameters
+     and the BatchNorm statistics (the teacher runs in inference mode, so its
+     statistics must follow the student's). At step 0 the teacher is the
+     student itself, so backbone weights loaded into the student are the
+     teacher's too.
 Random draws come from the run's key folded with the step and each example's
 index in the global batch, so a step is the same on any number of devices.
 The student (states['seg']) is the network evaluated.
@@ -50,7 +56,8 @@ _BLUR_SIGMA = (0.15, 1.15)
 
 
 def ema_alpha(step: jax.Array, alpha: float) -> jax.Array:
-  """DACS's teacher momentum at (0-based) iteration `step`."""
+  """DACS's teacher momentum at (0-based) iteration `step`; the update after step t uses
+  `ema_alpha(t + 1)` (see the module docstring)."""
   return jnp.minimum(1.0 - 1.0 / (step.astype(jnp.float32) + 1.0), alpha)
 
 
@@ -125,7 +132,7 @@ class SelfTraining(base.Method):
       # The strong augmentation of the mixed images: colour jitter's strength and probability,
       # and the Gaussian blur.
       "st_jitter": 0.2,
-      "st_jitter_p": 0.2,
+      "st_jitter_p": 0.8,  # DACS's color_jitter_probability=0.2 is the share left unjittered.
       "st_blur": True,
   }
   accumulates = True
@@ -282,7 +289,7 @@ class SelfTraining(base.Method):
     new_seg = base.apply_seg_gradients(seg, grads, stats, axis_name)
 
     # 5. The teacher follows the updated student.
-    alpha = ema_alpha(seg.step, self.alpha)
+    alpha = ema_alpha(seg.step + 1, self.alpha)  # DACS's update at its next iteration.
     new_ema = ema_update(ema, {"params": new_seg.params, "batch_stats": new_seg.batch_stats},
                          alpha)
     metrics = dict(parts, pseudo_weight=pseudo_weight, lr=self.seg_lr(seg.step))
