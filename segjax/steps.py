@@ -64,8 +64,10 @@ def supervised_loss(outputs: dict, labels: jax.Array, seg_loss: losses.SegLoss,
   BiSeNet weights its two supervision heads 1 each; DeepLab-v2 (AdaptSegNet,
   ADVENT) its layer3 head 0.1. Each head's loss is averaged over the global
   batch on its own. An HRDA segmenter's detail prediction adds its loss on the
-  labels of its window (`loss_detail`), x `detail_weight` (HRDA's 0.1). Returns
-  the total and the per-head losses for logging.
+  labels of its window (`loss_detail`), x `detail_weight` (HRDA's 0.1), and the
+  fused prediction's loss then counts 1 - `detail_weight` (HRDA's `hrda_head.py`:
+  `loss_seg *= 1 - lr_loss_weight - hr_loss_weight`, 0.9). Returns the total
+  and the per-head losses (unweighted) for logging.
   """
   aux = outputs.get("aux", ())
   if len(aux) != len(aux_weights):
@@ -81,7 +83,7 @@ def supervised_loss(outputs: dict, labels: jax.Array, seg_loss: losses.SegLoss,
     detail = losses.global_mean(*seg_loss(outputs["detail_logits"], detail_crop(outputs, labels)),
                                 axis_name)
     parts["loss_detail"] = detail
-    loss = loss + detail_weight * detail
+    loss = loss - detail_weight * parts["loss_seg"] + detail_weight * detail
   return loss, parts
 
 

@@ -182,7 +182,8 @@ def test_inputs_off_the_8_pixel_grid_or_below_the_window_are_refused():
 
 def test_the_detail_loss_reads_the_labels_and_weights_of_each_window():
   """HRDA's detail loss: the detail prediction against the labels (and pixel weights) inside
-  each example's window, x loss.detail_weight, beside the fused prediction's loss."""
+  each example's window, x loss.detail_weight, beside the fused prediction's loss, x (1 -
+  loss.detail_weight) as HRDA's head weights it (0.9)."""
   from segjax import losses, steps  # pylint: disable=import-outside-toplevel
   from segjax.methods import base  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(2)
@@ -201,7 +202,7 @@ def test_the_detail_loss_reads_the_labels_and_weights_of_each_window():
   fused = losses.global_mean(*ce(outputs["logits"], jnp.asarray(labels)), None)
   detail = losses.global_mean(*ce(outputs["detail_logits"], jnp.asarray(window_labels)), None)
   np.testing.assert_allclose(parts["loss_detail"], detail, rtol=1e-6)
-  np.testing.assert_allclose(loss, fused + 0.1 * detail, rtol=1e-6)
+  np.testing.assert_allclose(loss, 0.9 * fused + 0.1 * detail, rtol=1e-6)
 
   class _Weighted:  # base.Method.weighted_loss needs only detail_weight.
     detail_weight = 0.1
@@ -211,7 +212,7 @@ def test_the_detail_loss_reads_the_labels_and_weights_of_each_window():
   detail = losses.global_mean(*wce(outputs["detail_logits"], jnp.asarray(window_labels),
                                    jnp.asarray(window_weights)), None)
   np.testing.assert_allclose(parts["loss_mix_detail"], detail, rtol=1e-6)
-  np.testing.assert_allclose(loss, parts["loss_mix"] + 0.1 * detail, rtol=1e-6)
+  np.testing.assert_allclose(loss, 0.9 * parts["loss_mix"] + 0.1 * detail, rtol=1e-6)
 
 
 def test_the_hrda_method_trains_an_hrda_segmenter():

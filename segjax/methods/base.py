@@ -88,7 +88,8 @@ class Method:
   def weighted_loss(self, outputs: dict, labels: jax.Array, weights: jax.Array, axis_name: str,
                     name: str) -> tuple[jax.Array, dict]:
     """The confidence-weighted CE of pseudo-labelled (or mixed) images: `name`, and with an
-    HRDA segmenter `name`_detail on the detail windows, x loss.detail_weight."""
+    HRDA segmenter `name`_detail on the detail windows, x loss.detail_weight, the fused
+    prediction's x (1 - loss.detail_weight) (`segjax.steps.supervised_loss`)."""
     loss = global_mean(losses.weighted_cross_entropy(outputs["logits"], labels, weights),
                        axis_name)
     parts = {name: loss}
@@ -97,7 +98,7 @@ class Method:
           outputs["detail_logits"], steps.detail_crop(outputs, labels),
           steps.detail_crop(outputs, weights)), axis_name)
       parts[f"{name}_detail"] = detail
-      loss = loss + self.detail_weight * detail
+      loss = (1.0 - self.detail_weight) * loss + self.detail_weight * detail
     return loss, parts
 
   def source_then_target(self, seg: steps.TrainState, params, batch: dict, src_rng: jax.Array,

@@ -214,7 +214,8 @@ class HRDA(DAFormer):
   The multi-resolution training is the segmenter's (`segjax.models.hrda`:
   context at scale 0.5, a full-resolution detail window, the scale attention);
   its detail loss (x `loss.detail_weight`, 0.1) joins the source, mixed and
-  MIC losses (`loss_detail`, `loss_mix_detail`, `loss_mask_detail`); the
+  MIC losses (`loss_detail`, `loss_mix_detail`, `loss_mask_detail`), each
+  fused prediction's loss x 0.9 (HRDA's 1 - detail weight); the
   teacher's pseudo labels come from its sliding detail windows; the feature
   distance compares the context's features (scale 0.5). The fields are
   DAFormer's.
