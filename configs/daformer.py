@@ -56,6 +56,7 @@ def daformer_training(config, lr: float, num_steps: int, warmup_steps: int) -> N
   config.model.dropout_rate = 0.1
   config.model.remat = False  # True: recompute each transformer block in the backward pass.
   config.loss.aux_weights = ()
+  config.loss.avg_non_ignore = False  # mmseg 0.16's source CE: the mean over every pixel.
   config.adapt = methods.adapt_config("daformer")
   # Rare-class sampling and mmseg's crop retries (DAFormer's GTA5 pipeline).
   config.data.rcs.update(temperature=0.01, min_pixels=3000, min_crop_ratio=0.5)

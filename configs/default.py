@@ -80,7 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
       name="ce", class_weights=(), focal_gamma=2.0, focal_alpha=0.0, ohem_thresh=0.7,
       ohem_min_kept=1 / 16,
       aux_weights=(),  # One weight per auxiliary head of the segmenter.
-      detail_weight=0.1))  # HRDA's segmenters: the loss on their detail windows (lambda_d).
+      detail_weight=0.1,  # HRDA's segmenters: the loss on their detail windows (lambda_d).
+      # 'ce' averaged over the labelled pixels (PyTorch's), or with False over every pixel,
+      # the ignored ones as 0 (mmseg 0.16's, DAFormer's, HRDA's and MIC's).
+      avg_non_ignore=True))
 
   # Evaluation: test-time augmentation and sliding-window inference (segjax.inference).
   config.inference = ml_collections.ConfigDict(dict(

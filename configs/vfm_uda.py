@@ -52,6 +52,7 @@ def _vfm_uda_training(config, encoder_lr: float, num_steps: int, warmup_steps: i
   daformer.daformer_training(config, encoder_lr, num_steps, warmup_steps)
   config.optim.seg.update(warmup_ratio=1e-3, no_decay=())
   config.model.drop_path_rate = 0.0
+  config.loss.avg_non_ignore = True  # PyTorch's cross_entropy: the mean over labelled pixels.
   del config.model["dropout_rate"]  # The head has no dropout.
   config.model.input_scale = 1.1
   config.adapt = methods.adapt_config("vfm_uda")

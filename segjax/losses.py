@@ -33,11 +33,14 @@ def global_mean(total: jax.Array, count: jax.Array, axis_name: str | None) -> ja
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, *,
                   ignore_label: int = IGNORE_LABEL,
-                  class_weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  class_weights: jax.Array | None = None,
+                  avg_non_ignore: bool = True) -> tuple[jax.Array, jax.Array]:
   """Pixel-wise softmax cross-entropy; pixels labelled `ignore_label` count for nothing.
 
   With class weights, the count is the summed weight of the valid pixels, as in
-  PyTorch's `CrossEntropyLoss(weight=..., reduction='mean')`.
+  PyTorch's `CrossEntropyLoss(weight=..., reduction='mean')`. `avg_non_ignore=False`
+  counts every pixel, ignored ones too (a loss of 0 each), as mmseg before 0.23
+  (`avg_non_ignore=False`, DAFormer's, HRDA's and MIC's mmseg 0.16) averages.
   """
   valid = labels != ignore_label
   safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
@@ -45,7 +48,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *,
   weights = valid.astype(jnp.float32)
   if class_weights is not None:
     weights = weights * class_weights[safe_labels]
-  return jnp.sum(losses * weights), jnp.sum(weights)
+  count = jnp.sum(weights) if avg_non_ignore else jnp.asarray(losses.size, jnp.float32)
+  return jnp.sum(losses * weights), count
 
 
 def binary_cross_entropy(logits: jax.Array, target: float) -> tuple[jax.Array, jax.Array]:
@@ -183,10 +187,17 @@ def from_config(config: ml_collections.ConfigDict) -> SegLoss:
   `focal_gamma` and `focal_alpha` (<= 0: none); 'ce+focal': the sum of the
   two means, the UNet-vs-DeepLabV3+ seed's criterion; 'ohem': BiSeNet's OHEM cross-entropy
   with `ohem_thresh` and `ohem_min_kept` (a fraction of the valid pixels).
+  `avg_non_ignore` False ('ce' only): the mean over every pixel, ignored ones
+  counted as 0, as mmseg 0.16 (DAFormer, HRDA, MIC) averages.
   """
   class_weights = (jnp.asarray(config.class_weights, jnp.float32)
                    if config.class_weights else None)
-  ce = functools.partial(cross_entropy, class_weights=class_weights)
+  avg_non_ignore = config.get("avg_non_ignore", True)
+  if not avg_non_ignore and config.name != "ce":
+    raise ValueError(f"loss.avg_non_ignore=False (the mean over every pixel, mmseg 0.16's) is "
+                     f"for loss.name='ce', got loss.name={config.name!r}.")
+  ce = functools.partial(cross_entropy, class_weights=class_weights,
+                         avg_non_ignore=avg_non_ignore)
   focal = functools.partial(focal_loss, gamma=config.focal_gamma,
                             alpha=config.focal_alpha if config.focal_alpha > 0 else None)
   if config.name == "ce":

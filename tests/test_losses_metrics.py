@@ -135,6 +135,12 @@ def test_loss_by_config_name():
     losses.from_config(_loss_config(name="dice"))
   with pytest.raises(ValueError, match="class_weights cannot be combined"):
     losses.from_config(_loss_config(name="ce+focal", class_weights=(1.0,) * 4))
+  # mmseg 0.16's mean (DAFormer, HRDA, MIC): the same sum over every pixel, 3 of 70 ignored.
+  total, count = losses.from_config(_loss_config(name="ce", avg_non_ignore=False))(logits, labels)
+  np.testing.assert_allclose((total, count), (ce[0], 70.0), rtol=1e-6)
+  assert float(ce[1]) == 67.0
+  with pytest.raises(ValueError, match=r"loss.avg_non_ignore=False .* got loss.name='focal'"):
+    losses.from_config(_loss_config(name="focal", avg_non_ignore=False))
 
 
 def test_auxiliary_heads_add_their_weighted_losses():

@@ -156,6 +156,8 @@ def test_the_published_recipe_and_the_built_in_one():
   assert (adapt.st_alpha, adapt.st_threshold, adapt.mic, adapt.mic_ratio, adapt.mic_lambda,
           adapt.st_flip_teacher, adapt.fd_lambda) == (0.999, 0.968, True, 0.7, 1.0, True, 0.0)
   assert (adapt.st_ignore_top, adapt.st_ignore_bottom) == (0.0, 0.0)
+  # PyTorch's CE over the labelled pixels; torchvision's jitter 0.2 with p 0.8.
+  assert config.loss.avg_non_ignore is True and (adapt.st_jitter, adapt.st_jitter_p) == (0.2, 0.8)
   # VFM-UDA's margins of the 2048x1024 image: int(0.03 h), int(0.25 h), int(0.03 w) twice.
   assert tuple(config.data.target.pseudo_margins) == (30, 256, 61, 61)
   seg = config.optim.seg
