@@ -33,16 +33,14 @@ tensors is refused. Then extract its state dict once, trusting the file:
 python -c "import torch; torch.save(torch.load('IN.ckpt', weights_only=False)['state_dict'],
 'OUT.pth')".
 
-Differences from the published code: the learning rate is written for a
-global batch of 8 (VFM-UDA++'s README: 4 GPUs x 2): with another
---config.batch_size B, scale --config.optim.seg.lr by sqrt(B / 8); bf16 where
-it uses fp16 mixed precision; the target images are not colour-jittered
-before ClassMix (VFM-UDA++ applies its weak jitter to them first), and the
-jitters apply brightness, contrast, saturation and hue in that order
-(torchvision draws an order); the blur's kernel spans 3 sigma (torchvision's
-a tenth of the image); the position embeddings' resampling (both encoders: to
-the grid's size); the rare-class statistics as configs/daformer.py says; the
-distillation head starts from segjax's initialisation, not PyTorch's.
+Differences from the published code: the learning rate is written for a global
+batch of 8 (VFM-UDA++'s README: 4 GPUs x 2): with another --config.batch_size
+B, scale --config.optim.seg.lr by sqrt(B / 8); bf16 where it uses fp16 mixed
+precision; the jitters apply brightness, contrast, saturation and hue in that
+order (torchvision draws an order); the blur's kernel spans 3 sigma
+(torchvision's a tenth of the image); the position embeddings' resampling (both
+encoders: to the grid's size); the rare-class statistics as configs/daformer.py
+says; the distillation head starts from segjax's initialisation, not PyTorch's.
 
 Without roots: the built-in scenes (64x128 crops seen at 224x448 by the
 encoder, `model.input_scale` 3.5: a 16x32 token grid), a ViT-S/14 of 4 blocks

@@ -145,6 +145,23 @@ def test_the_teacher_averages_its_softmax_over_a_horizontal_flip():
                              rtol=1e-6)
 
 
+def test_classmix_pastes_onto_weakly_jittered_target_images():
+  """VFM-UDA's `random_aug_weak` of the target images before mixing: torchvision's
+  ColorJitter(32/255, 0.5, 0.5, 18/360) with probability 0.9, drawn per example."""
+  config = vfm_uda_config.get_config()
+  method = methods.build(config, 19)
+  images = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (64, 4, 6, 3)), jnp.float32)
+  keys = global_batch.example_keys(jax.random.key(1), 64)
+  got = np.asarray(method.mix_target_images(images, keys))
+  changed = [not np.allclose(g, x) for g, x in zip(got, np.asarray(images))]
+  assert 48 <= sum(changed) < 64  # 0.9 of 64 images: 57.6 expected, all 64 once in 800.
+  for i in range(64):
+    want = daformer.weak_jitter(images[i], jax.random.fold_in(keys[i], 6))
+    np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-4)  # vmapped vs one by one.
+  config.adapt.st_target_weak = False
+  np.testing.assert_array_equal(methods.build(config, 19).mix_target_images(images, keys), images)
+
+
 def test_the_published_recipe_and_the_built_in_one():
   config = vfm_uda_config.get_config("gta5=/data/gta5,cityscapes=/data/cityscapes")
   assert config.eval_batch_size == 1

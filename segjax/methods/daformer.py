@@ -234,6 +234,12 @@ def token_mask(key: jax.Array, tokens: int, ratio: float) -> jax.Array:
   return jax.random.uniform(key, (tokens,)) < ratio
 
 
+def weak_jitter(image: jax.Array, key: jax.Array) -> jax.Array:
+  """VFM-UDA's weak augmentation (`random_aug_weak`): torchvision's ColorJitter(32/255, 0.5,
+  0.5, 18/360) with probability 0.9, on an image in [0, 255]."""
+  return self_training.color_jitter(image, key, 0.5, 0.9, brightness=32 / 255, hue=18 / 360)
+
+
 def flip_averaged_probs(predict, images: jax.Array) -> jax.Array:
   """The mean of softmax(predict(x)) and its prediction of the mirrored image mirrored back:
   VFM-UDA's pseudo labels (N, H, W, classes) of images (N, H, W, 3)."""
@@ -254,6 +260,10 @@ class VFMUDA(DAFormer):
       probability `mic_ratio` (0.7), drawn per example from its index in the
       global batch; its loss against the teacher's pseudo labels of the
       unmasked image, with their weights, is `loss_mask` (x `mic_lambda`, 1);
+    * the target images weakly colour-jittered before ClassMix pastes the
+      source pixels onto them (`st_target_weak`, VFM-UDA's `random_aug_weak`:
+      brightness 32/255, contrast and saturation 0.5, hue 18/360, probability
+      0.9), then the mixed image strongly augmented as DAFormer's;
     * no feature distance (`fd_lambda` 0: the vanilla recipe has none);
     * pseudo labels ignoring the top 3% and bottom 25% of the crop's rows;
       configs/vfm_uda.py's published recipe ignores VFM-UDA's margins of the
@@ -268,6 +278,7 @@ class VFMUDA(DAFormer):
       "mic": True,
       "mic_ratio": 0.7,
       "st_flip_teacher": True,  # Average the teacher's softmax over a horizontal flip.
+      "st_target_weak": True,  # The weak jitter of the target images before ClassMix.
   }
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
@@ -281,6 +292,12 @@ class VFMUDA(DAFormer):
                        "feature distance here; set it to 0.")
     self.token_grid = models.build_segmenter(config.model, num_classes).token_grid(
         *pipeline.crop_size(config, "target"))
+
+  def mix_target_images(self, images, example_keys):
+    if not self.adapt.st_target_weak:
+      return images
+    return jax.vmap(lambda image, key: weak_jitter(image, jax.random.fold_in(key, 6)))(
+        images.astype(jnp.float32), example_keys)
 
   def teacher_probs(self, seg, ema, images):
     if not self.adapt.st_flip_teacher:
@@ -445,9 +462,7 @@ class VFMUDAPlusPlus(VFMUDA):
       out = self.frozen.apply(states["vfm"], frozen_input)
       frozen = jax.lax.stop_gradient(self.frozen.patch_maps(out["tokens"], out["grid"]))
       keys = jax.vmap(lambda key, i=i: jax.random.fold_in(key, 4 + i))(example_keys)
-      jittered = jax.vmap(lambda image, key: self_training.color_jitter(
-          image, key, 0.5, 0.9, brightness=32 / 255, hue=18 / 360))(
-              images.astype(jnp.float32), keys)
+      jittered = jax.vmap(weak_jitter)(images.astype(jnp.float32), keys)
       name = f"loss_fd_{domain}"
 
       def fd_pass(params, inputs, stats, weight=weight, name=name, i=i):

@@ -195,6 +195,11 @@ class SelfTraining(base.Method):
     del target_images, pseudo, weights, example_keys
     return {}
 
+  def mix_target_images(self, images: jax.Array, example_keys: jax.Array) -> jax.Array:
+    """The target images ClassMix pastes the source pixels onto (VFM-UDA jitters them)."""
+    del example_keys
+    return images
+
   def source_images(self, images: jax.Array, example_keys: jax.Array) -> jax.Array:
     """The source images the student's source pass sees (VFM-UDA++ augments them)."""
     del example_keys
@@ -244,7 +249,8 @@ class SelfTraining(base.Method):
     # 2-3. ClassMix of source pixels onto target images, then strong augmentation.
     masks = jax.vmap(classmix_mask, in_axes=(0, 0, None))(src["label"], mask_keys,
                                                           self.num_classes)
-    mixed_images = jnp.where(masks[..., None], src["image"], tgt["image"])
+    mixed_images = jnp.where(masks[..., None], src["image"],
+                             self.mix_target_images(tgt["image"], example_keys))
     mixed_images = self._strong_augment(mixed_images, aug_keys)
     mixed_labels = jnp.where(masks, src["label"], pseudo)
     mixed_weights = jnp.where(masks, 1.0, weights)
