@@ -64,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.seg = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.01, momentum=0.9, b1=0.9, b2=0.999, weight_decay=5e-4, power=0.9,
       head_lr_mult=1.0,  # Learning-rate factor for everything outside the backbone.
-      warmup_steps=0, warmup_ratio=1e-6,  # Linear warm-up of the schedule from ratio x lr.
+      warmup_steps=0, warmup_ratio=1e-6,  # Linear warm-up of the schedule from ratio x lr,
+      warmup_mode="mmcv",  # times the poly schedule ("mmcv") or to the full lr ("linspace").
       no_decay=()))  # AdamW: parameters whose path contains one of these names do not decay.
   config.optim.disc = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.99, power=0.9))
   # The segmenter's gradient in this many micro-batches of each device's batch, one after

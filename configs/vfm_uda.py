@@ -12,8 +12,9 @@ seen at 1120, an 80x80 token grid); GTA5 resized to 1440x2560, Cityscapes to
 1024x2048, each image scaled by U(0.9, 1.1), random 1024x1024 crops with
 flips, batch 8 source + 8 target; AdamW, betas (0.9, 0.999), weight decay
 0.01, the head at 5e-5 x sqrt(global batch 8) = 1.41e-4 and the encoder at
-0.1x that; linear warm-up over 1,500 steps from 1e-3 of the lr, then
-linear decay to 40,000 steps; EMA teacher 0.999 with its softmax averaged
+0.1x that; linear warm-up over 1,500 steps from 1e-3 of the lr to the
+full lr (`np.linspace`, `optim.seg.warmup_mode="linspace"`), then linear
+decay to 40,000 steps (0.9625 of the lr at step 1,500); EMA teacher 0.999 with its softmax averaged
 over a horizontal flip, pseudo-label threshold 0.968, the top 3% and bottom
 25% of the rows ignored, ClassMix with colour jitter 0.2 (p 0.8) and blur;
 token masking of the strongly augmented target images (70% of the tokens,
@@ -50,7 +51,7 @@ from segjax import methods
 def _vfm_uda_training(config, encoder_lr: float, num_steps: int, warmup_steps: int) -> None:
   """configs/daformer.py's training with VFM-UDA's differences."""
   daformer.daformer_training(config, encoder_lr, num_steps, warmup_steps)
-  config.optim.seg.update(warmup_ratio=1e-3, no_decay=())
+  config.optim.seg.update(warmup_ratio=1e-3, warmup_mode="linspace", no_decay=())
   config.model.drop_path_rate = 0.0
   config.loss.avg_non_ignore = True  # PyTorch's cross_entropy: the mean over labelled pixels.
   del config.model["dropout_rate"]  # The head has no dropout.

@@ -26,19 +26,33 @@ def poly_schedule(base_lr: float, num_steps: int, power: float = 0.9) -> optax.S
   return schedule
 
 
+WARMUP_MODES = ("mmcv", "linspace")
+
+
 def warmup_poly_schedule(base_lr: float, num_steps: int, power: float, warmup_steps: int,
-                         warmup_ratio: float) -> optax.Schedule:
-  """The poly schedule, multiplied over the first `warmup_steps` by a factor rising linearly
-  from `warmup_ratio` to 1 (mmcv's linear warm-up, DAFormer's 'poly10warm')."""
+                         warmup_ratio: float, mode: str = "mmcv") -> optax.Schedule:
+  """The poly schedule with a linear warm-up over the first `warmup_steps`.
+
+  'mmcv' (DAFormer's 'poly10warm'): the poly schedule times a factor rising
+  linearly from `warmup_ratio` at step 0 to 1 at `warmup_steps`. 'linspace'
+  (VFM-UDA's and VFM-UDA++'s `WarmupAndLinearScheduler`): base_lr x
+  `np.linspace(warmup_ratio, 1, warmup_steps)` over the warm-up, so the full
+  lr at its last step, undecayed, then the poly schedule.
+  """
+  if mode not in WARMUP_MODES:
+    raise ValueError(f"optim.seg.warmup_mode={mode!r} must be one of {list(WARMUP_MODES)}.")
   poly = poly_schedule(base_lr, num_steps, power)
   if warmup_steps <= 0:
     return poly
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    # = 1 - (1 - step / warmup_steps) * (1 - warmup_ratio), without float32's cancellation.
-    factor = warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
-    return poly(step) * jnp.where(step < warmup_steps, factor, 1.0)
+    if mode == "mmcv":
+      # = 1 - (1 - step / warmup_steps) * (1 - warmup_ratio), without float32's cancellation.
+      factor = warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+      return poly(step) * jnp.where(step < warmup_steps, factor, 1.0)
+    ramp = warmup_ratio + (1.0 - warmup_ratio) * step / max(warmup_steps - 1, 1)
+    return jnp.where(step < warmup_steps, base_lr * ramp, poly(step))
   return schedule
 
 
@@ -87,7 +101,8 @@ def segmenter_optimizer(config: ml_collections.ConfigDict,
   scales the learning rate of everything outside the pretrained backbone (the
   heads learn 10x faster in AdaptSegNet, ADVENT, BiSeNet and DAFormer).
   `warmup_steps` / `warmup_ratio` warm the schedule up linearly (DAFormer:
-  1,500 steps from 1e-6 of the lr); `no_decay` (AdamW) names parameters
+  1,500 steps from 1e-6 of the lr), as `warmup_mode` ('mmcv', 'linspace':
+  `warmup_poly_schedule`) says; `no_decay` (AdamW) names parameters
   without weight decay (DAFormer: 'norm', 'pos_block'). Returns the
   transformation and the backbone's schedule (the one logged as lr).
   `layer_decay` (VFM-UDA++: 0.9) scales the backbone's learning rate by
@@ -98,7 +113,8 @@ def segmenter_optimizer(config: ml_collections.ConfigDict,
                      f"(optim.seg.name='adamw'), not {config.get('name', 'sgd')!r}.")
   schedule = warmup_poly_schedule(config.lr, config.get("decay_steps", 0) or num_steps,
                                   config.power, config.get("warmup_steps", 0),
-                                  config.get("warmup_ratio", 1e-6))
+                                  config.get("warmup_ratio", 1e-6),
+                                  config.get("warmup_mode", "mmcv"))
   mult = config.get("head_lr_mult", 1.0)
   decay = config.get("layer_decay", 1.0)
   if not 0.0 < decay <= 1.0:

@@ -162,6 +162,18 @@ def test_classmix_pastes_onto_weakly_jittered_target_images():
   np.testing.assert_array_equal(methods.build(config, 19).mix_target_images(images, keys), images)
 
 
+def test_the_schedule_is_vfm_udas_warmup_and_linear_scheduler():
+  """VFM-UDA's (and VFM-UDA++'s) lr factor: np.linspace(1e-3, 1, 1500) over the warm-up, then
+  np.linspace(1, 0, 40001)[1500:], each x the group's lr."""
+  from segjax import optim  # pylint: disable=import-outside-toplevel
+  config = vfm_uda_config.get_config("gta5=/g,cityscapes=/c")
+  _, schedule = optim.segmenter_optimizer(config.optim.seg, config.num_train_steps)
+  official = np.concatenate([np.linspace(1e-3, 1, 1500), np.linspace(1, 0, 40_001)[1500:]])
+  steps = np.array([0, 1, 700, 1498, 1499, 1500, 1501, 20_000, 39_999, 40_000])
+  got = np.asarray(jax.vmap(schedule)(jnp.asarray(steps)))
+  np.testing.assert_allclose(got, config.optim.seg.lr * official[steps], rtol=2e-5, atol=1e-12)
+
+
 def test_the_published_recipe_and_the_built_in_one():
   config = vfm_uda_config.get_config("gta5=/data/gta5,cityscapes=/data/cityscapes")
   assert config.eval_batch_size == 1
