@@ -89,7 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluation: test-time augmentation and sliding-window inference (segjax.inference).
   config.inference = ml_collections.ConfigDict(dict(
       scales=(1.0,), flip=False,
-      window=(), stride=()))  # (height, width) sliding windows, () for whole images.
+      window=(), stride=(),  # (height, width) sliding windows, () for whole images.
+      average="logits"))  # What overlapping windows average: "logits" (mmseg) or "probs".
 
   # The adaptation method and its fields (segjax.methods): each method owns its fields
   # and their defaults, and config.adapt holds exactly those of adapt.method (a config that

@@ -21,7 +21,8 @@ token masking of the strongly augmented target images (70% of the tokens,
 weight 1); rare-class sampling at temperature 0.05 (images with over 6,000
 pixels of the class: 3,000 per 512x1024, scaled to the 1024 crops) with
 crops redrawn while one class covers 75%; bf16 compute. Evaluation of the
-student on the whole 2048x1024 image in 1024x1024 windows at stride 512.
+student on the whole 2048x1024 image in 1024x1024 windows at stride 512, their
+softmax averaged where they overlap.
 Published: 77.1 mIoU GTA5 -> Cityscapes (ViT-B), 78.4 (ViT-L).
 
 Differences from the published recipe: the learning rate is written for a
@@ -90,6 +91,7 @@ def get_config(arg: str | None = None):
   _vfm_uda_training(config, encoder_lr=0.1 * head_lr, num_steps=40_000, warmup_steps=1_500)
   config.data.rcs.min_pixels = 6000  # 3,000 per 512x1024 pixels, scaled to the 1024 crops.
   config.inference.window, config.inference.stride = (1024, 1024), (512, 512)
+  config.inference.average = "probs"  # VFM-UDA averages the windows' softmax.
   # VFM-UDA's pseudo-label margins: 3% of the rows at the top, 25% at the bottom and 3% of the
   # columns on each side of the whole 2048x1024 image, cut where a crop holds them.
   config.adapt.st_ignore_top = config.adapt.st_ignore_bottom = 0.0

@@ -3,7 +3,8 @@
 `predict` runs inside the jitted evaluation step, on static shapes: for each
 scale it resizes the batch, runs the network on the whole image or on
 overlapping windows (`window`, `stride`: mmsegmentation's slide inference,
-window logits averaged where they overlap), optionally on the mirrored image
+window logits averaged where they overlap; with `average='probs'` their
+softmax, as VFM-UDA's `slide_inference_pre_cropped`), optionally on the mirrored image
 too, resizes the logits to the output size (bilinear, half-pixel centres,
 like PyTorch's align_corners=False) and averages the softmax probabilities.
 Without augmentation it returns the resized logits themselves.
@@ -26,6 +27,7 @@ class Inference:
   flip: bool = False
   window: tuple[int, ...] = ()  # (height, width) of sliding windows; () for whole images.
   stride: tuple[int, ...] = ()  # (height, width) between windows; default 2/3 of the window.
+  average: str = "logits"  # What overlapping windows average: "logits" or "probs".
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict | None) -> "Inference":
@@ -33,7 +35,11 @@ class Inference:
       return cls()
     inference = cls(scales=tuple(float(s) for s in config.get("scales", (1.0,))),
                     flip=bool(config.get("flip", False)),
-                    window=tuple(config.get("window", ())), stride=tuple(config.get("stride", ())))
+                    window=tuple(config.get("window", ())), stride=tuple(config.get("stride", ())),
+                    average=config.get("average", "logits"))
+    if inference.average not in ("logits", "probs"):
+      raise ValueError(f"inference.average={inference.average!r}: expected 'logits' (mmseg's "
+                       f"slide inference) or 'probs' (VFM-UDA's).")
     if not inference.scales or min(inference.scales) <= 0:
       raise ValueError(f"inference.scales={inference.scales}: expected positive factors.")
     for field in ("window", "stride"):
@@ -62,8 +68,10 @@ def _window_starts(length: int, window: int, stride: int) -> list[int]:
 
 
 def sliding_window(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
-                   window: tuple[int, int], stride: tuple[int, int]) -> jax.Array:
-  """Logits of `images` from overlapping windows, averaged where windows overlap.
+                   window: tuple[int, int], stride: tuple[int, int],
+                   probs: bool = False) -> jax.Array:
+  """Logits of `images` from overlapping windows, averaged where windows overlap; with
+  `probs`, each window's softmax instead.
 
   An image smaller than the window along an axis is padded (zeros) to it there
   and the padding cropped from the logits.
@@ -77,6 +85,8 @@ def sliding_window(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Arra
     for left in _window_starts(full_w, window[1], stride[1]):
       crop = padded[:, top:top + window[0], left:left + window[1]]
       logits = logits_fn(crop).astype(jnp.float32)
+      if probs:
+        logits = jax.nn.softmax(logits, axis=-1)
       pads = ((0, 0), (top, full_h - top - window[0]), (left, full_w - left - window[1]), (0, 0))
       total = jnp.pad(logits, pads) if total is None else total + jnp.pad(logits, pads)
       count = count + jnp.pad(jnp.ones((1, *window, 1), jnp.float32), pads)
@@ -87,15 +97,17 @@ def predict(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
             out_size: tuple[int, int], inference: Inference = Inference()) -> jax.Array:
   """Class scores (N, *out_size, C) for float images (N, H, W, 3), normalised.
 
-  Logits when there is no test-time augmentation, else averaged probabilities;
-  either way the argmax is the prediction.
+  Logits when there is no test-time augmentation (with `average='probs'` windows, their
+  averaged probabilities), else averaged probabilities; either way the argmax is the
+  prediction.
   """
   height, width = images.shape[1:3]
+  probs = bool(inference.window) and inference.average == "probs"
 
   def run(x):
     if inference.window:
       stride = inference.stride or tuple(max(1, w * 2 // 3) for w in inference.window)
-      return sliding_window(logits_fn, x, inference.window, stride)
+      return sliding_window(logits_fn, x, inference.window, stride, probs)
     return logits_fn(x).astype(jnp.float32)
 
   if not inference.augmented:
@@ -107,7 +119,8 @@ def predict(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
     views = [run(scaled)]
     if inference.flip:
       views.append(run(scaled[:, :, ::-1])[:, :, ::-1])
-    for logits in views:
-      probs = jax.nn.softmax(_resize(logits, out_size), axis=-1)
-      total = probs if total is None else total + probs
+    for scores in views:
+      view = _resize(scores, out_size)
+      view = view if probs else jax.nn.softmax(view, axis=-1)
+      total = view if total is None else total + view
   return total / (len(inference.scales) * (2 if inference.flip else 1))

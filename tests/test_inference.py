@@ -54,6 +54,27 @@ def test_sliding_window_averages_the_overlaps():
   np.testing.assert_array_equal(column, [1, 1, 1, 1, 1.5, 1.5, 2, 2, 2, 2])
 
 
+def test_sliding_windows_can_average_their_probabilities_as_vfm_uda():
+  """`average='probs'`: each window's softmax, averaged where they overlap (VFM-UDA's
+  slide_inference_pre_cropped); the logits' mean has another argmax here."""
+  outputs = iter([jnp.array([5.0, 0.0, 4.9]), jnp.array([0.0, 2.0, 0.0])])
+
+  def logits_fn(x):
+    return jnp.broadcast_to(next(outputs), (*x.shape[:3], 3))
+
+  got = inference.predict(logits_fn, jnp.zeros((1, 4, 7, 3)), (4, 7),
+                          inference.Inference(window=(4, 5), stride=(4, 2), average="probs"))
+  first, second = jax.nn.softmax(jnp.array([5.0, 0.0, 4.9])), jax.nn.softmax(
+      jnp.array([0.0, 2.0, 0.0]))
+  np.testing.assert_allclose(got[0, 0, 0], first, rtol=1e-6)  # Columns 0-1: window 1 only.
+  np.testing.assert_allclose(got[0, 0, 3], (first + second) / 2, rtol=1e-6)
+  np.testing.assert_allclose(got[0, 0, 6], second, rtol=1e-6)
+  assert int(jnp.argmax(got[0, 0, 3])) == 1 and int(jnp.argmax(
+      (jnp.array([5.0, 0.0, 4.9]) + jnp.array([0.0, 2.0, 0.0])) / 2)) == 0
+  with pytest.raises(ValueError, match=r"inference.average='mean': expected 'logits'"):
+    inference.Inference.from_config(ml_collections.ConfigDict(dict(average="mean")))
+
+
 @pytest.mark.parametrize("length, window, stride", [
     (100, 40, 30), (101, 40, 30), (40, 40, 10), (7, 40, 10), (1024, 512, 341), (53, 24, 1)])
 def test_window_starts_cover_the_image_with_the_last_window_flush(length, window, stride):

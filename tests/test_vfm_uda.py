@@ -202,6 +202,7 @@ def test_the_published_recipe_and_the_built_in_one():
   assert (config.data.rcs.temperature, config.data.rcs.min_pixels) == (0.05, 6000)
   assert (tuple(config.inference.window), tuple(config.inference.stride)) == ((1024, 1024),
                                                                               (512, 512))
+  assert config.inference.average == "probs"  # slide_inference_pre_cropped's softmax.
   built_in = vfm_uda_config.get_config()
   validation.validate_config(built_in)
   assert built_in.model.name == "vfm_vit_s14" and built_in.data.source.name == "street_scenes"
