@@ -18,12 +18,14 @@ each window fused from its two scales (the detail sliding in 512x512 windows
 at stride 256). Published: 73.8 mIoU GTA5 -> Cityscapes, 65.8 mIoU16
 SYNTHIA -> Cityscapes.
 
-HRDA's pseudo-label crop v2: the margins of the whole Cityscapes image (30
-rows at the top, 240 at the bottom, 30 columns on each side) are cut out of
-each crop's pseudo-label weights where the crop holds them
+HRDA's pseudo-label crop v2: the margins of the whole Cityscapes image (30 rows
+at the top, 240 at the bottom, 30 columns on each side) are cut out of each
+crop's pseudo-label weights where the crop holds them
 (`data.target.pseudo_margins`). Differences from the published recipe:
-configs/daformer.py's; each example draws its own detail window (HRDA draws
-one per batch).
+configs/daformer.py's, except that counting the rare classes at 2560x1440 (HRDA
+at 1914x1052) selects more images, not fewer; GTA5 is resized to exactly
+2560x1440 (mmseg keeps the aspect ratio: 2560x1407); each example draws its own
+detail window (HRDA draws one per batch).
 
 Without roots: the built-in scenes at 64x128 crops (batch 8 + 8), HRDA's
 segmenter on MiT-B0 from scratch with a 32x64 detail window, otherwise
