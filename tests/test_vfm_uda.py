@@ -145,9 +145,10 @@ def test_the_teacher_averages_its_softmax_over_a_horizontal_flip():
                              rtol=1e-6)
 
 
-def test_classmix_pastes_onto_weakly_jittered_target_images():
-  """VFM-UDA's `random_aug_weak` of the target images before mixing: torchvision's
-  ColorJitter(32/255, 0.5, 0.5, 18/360) with probability 0.9, drawn per example."""
+def test_classmix_pastes_onto_weakly_jittered_target_images_and_the_source_pass_too():
+  """VFM-UDA's `random_aug_weak` of the target images before mixing, and of the source pass's
+  images: torchvision's ColorJitter(32/255, 0.5, 0.5, 18/360) with probability 0.9, drawn per
+  example."""
   config = vfm_uda_config.get_config()
   method = methods.build(config, 19)
   images = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (64, 4, 6, 3)), jnp.float32)
@@ -158,8 +159,15 @@ def test_classmix_pastes_onto_weakly_jittered_target_images():
   for i in range(64):
     want = daformer.weak_jitter(images[i], jax.random.fold_in(keys[i], 6))
     np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-4)  # vmapped vs one by one.
-  config.adapt.st_target_weak = False
-  np.testing.assert_array_equal(methods.build(config, 19).mix_target_images(images, keys), images)
+  # The source pass's images: the same jitter with their own draws.
+  source = np.asarray(method.source_images(images, keys))
+  for i in range(64):
+    want = daformer.weak_jitter(images[i], jax.random.fold_in(keys[i], 7))
+    np.testing.assert_allclose(source[i], want, rtol=1e-5, atol=1e-4)
+  config.adapt.st_target_weak = config.adapt.st_source_weak = False
+  method = methods.build(config, 19)
+  np.testing.assert_array_equal(method.mix_target_images(images, keys), images)
+  np.testing.assert_array_equal(method.source_images(images, keys), images)
 
 
 def test_the_schedule_is_vfm_udas_warmup_and_linear_scheduler():

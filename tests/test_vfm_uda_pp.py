@@ -247,7 +247,11 @@ def test_block_masks_are_drawn_at_the_encoders_resolution_and_source_images_augm
   augmented = method.source_images(images, keys)
   assert augmented.shape == images.shape and not np.allclose(augmented, images)
   assert float(jnp.min(augmented)) >= 0 and float(jnp.max(augmented)) <= 255
-  method.adapt.st_source_strong = False
+  method.adapt.st_source_strong = False  # VFM-UDA++'s else branch: the weak jitter.
+  np.testing.assert_allclose(method.source_images(images, keys), jax.vmap(
+      lambda image, key: daformer.weak_jitter(image, jax.random.fold_in(key, 7)))(images, keys),
+                             rtol=1e-5, atol=1e-4)
+  method.adapt.st_source_weak = False
   np.testing.assert_array_equal(method.source_images(images, keys), images)
 
 

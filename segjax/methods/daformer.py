@@ -263,7 +263,9 @@ class VFMUDA(DAFormer):
     * the target images weakly colour-jittered before ClassMix pastes the
       source pixels onto them (`st_target_weak`, VFM-UDA's `random_aug_weak`:
       brightness 32/255, contrast and saturation 0.5, hue 18/360, probability
-      0.9), then the mixed image strongly augmented as DAFormer's;
+      0.9), then the mixed image strongly augmented as DAFormer's; the source
+      images of the source pass weakly jittered too (`st_source_weak`; ClassMix
+      pastes the unjittered source pixels, as VFM-UDA);
     * no feature distance (`fd_lambda` 0: the vanilla recipe has none);
     * pseudo labels ignoring the top 3% and bottom 25% of the crop's rows;
       configs/vfm_uda.py's published recipe ignores VFM-UDA's margins of the
@@ -279,6 +281,7 @@ class VFMUDA(DAFormer):
       "mic_ratio": 0.7,
       "st_flip_teacher": True,  # Average the teacher's softmax over a horizontal flip.
       "st_target_weak": True,  # The weak jitter of the target images before ClassMix.
+      "st_source_weak": True,  # The weak jitter of the source pass's images.
   }
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
@@ -297,6 +300,12 @@ class VFMUDA(DAFormer):
     if not self.adapt.st_target_weak:
       return images
     return jax.vmap(lambda image, key: weak_jitter(image, jax.random.fold_in(key, 6)))(
+        images.astype(jnp.float32), example_keys)
+
+  def source_images(self, images, example_keys):
+    if not self.adapt.st_source_weak:
+      return images
+    return jax.vmap(lambda image, key: weak_jitter(image, jax.random.fold_in(key, 7)))(
         images.astype(jnp.float32), example_keys)
 
   def teacher_probs(self, seg, ema, images):
@@ -426,9 +435,10 @@ class VFMUDAPlusPlus(VFMUDA):
         {"params": loaded["params"][weights.BACKBONE]}, mesh))
 
   def source_images(self, images, example_keys):
-    """VFM-UDA++'s strong augmentation of the source images (`use_strong_aug_source`)."""
+    """VFM-UDA++'s strong augmentation of the source images (`use_strong_aug_source`), else
+    VFM-UDA's weak one."""
     if not self.adapt.st_source_strong:
-      return images
+      return super().source_images(images, example_keys)
 
     def one(image, key):
       jitter, gray, blur = jax.random.split(jax.random.fold_in(key, 3), 3)
