@@ -36,17 +36,17 @@ devices (DAFormer ran one GPU). GTA5 is resized to exactly 1280x720, bicubic
 (mmseg's Resize keeps the aspect ratio, 1280x704, bilinear). ClassMix takes
 half of the classes of each source image, ignore excluded (DAFormer draws from
 the classes of the whole source batch, 255 among them, so a drawn class may be
-absent from the image). The teacher runs in inference mode, its BatchNorm on
-running statistics that follow the student's (DAFormer's EMA model stays in
-training mode, dropout and drop path off: the head's BatchNorm normalises with
-the target batch's statistics, and the EMA covers the parameters only). The
-colour jitter is torchvision's (PIL's formulas in the fixed order brightness,
-contrast, saturation, hue; hue as a rotation in YIQ), where DAFormer pins
-kornia 0.5.8, whose ColorJitter predates kornia's PIL-aligned rewrite (the old
-one is kept as ColorJiggle) and may differ in its formulas and order (not
-compared here); the jitter and blur are drawn per image, not once per batch;
-the blur kernel spans 3 sigma of 1.15 (9 taps, edges repeated) where DAFormer's
-spans a tenth of the image (reflected), alike for these sigmas.
+absent from the image). The EMA covers the BatchNorm running statistics too
+(DAFormer's the parameters only): the teacher normalises with the target
+batch's statistics as DAFormer's, and the running ones serve an evaluation of
+the teacher (`--state=ema`). The colour jitter is torchvision's (PIL's formulas
+in the fixed order brightness, contrast, saturation, hue; hue as a rotation in
+YIQ), where DAFormer pins kornia 0.5.8, whose ColorJitter predates kornia's
+PIL-aligned rewrite (the old one is kept as ColorJiggle) and may differ in its
+formulas and order (not compared here); the jitter and blur are drawn per
+image, not once per batch; the blur kernel spans 3 sigma of 1.15 (9 taps, edges
+repeated) where DAFormer's spans a tenth of the image (reflected), alike for
+these sigmas.
 
 Without roots: the built-in scenes (64x128 crops, batch 8 + 8), MiT-B0 from
 scratch (no ImageNet weights, so no feature distance), AdamW at 6e-4 (10x

@@ -43,12 +43,11 @@ order (torchvision draws an order); the blur's kernel spans 3 sigma
 encoders: to the grid's size); the rare-class statistics as configs/daformer.py
 says; the distillation head starts from segjax's initialisation, not PyTorch's,
 and so do the pyramid head's transposed convolutions (flax's LeCun normal,
-where VFM-UDA++ sets Kaiming uniform, fan out); the teacher runs in inference
-mode, its BatchNorm on running statistics that follow the student's
-(VFM-UDA++'s EMA model runs in training mode: the adapter's and head's
-BatchNorm normalise with the target batch's statistics, and the EMA covers the
-parameters only); the training images' random horizontal flip is drawn per
-image (VFM-UDA++ flips the whole source batch, and the target batch, at once).
+where VFM-UDA++ sets Kaiming uniform, fan out); the EMA covers the BatchNorm
+running statistics too (VFM-UDA++'s the parameters only; the teacher normalises
+with the target batch's statistics as VFM-UDA++'s, `adapt.st_teacher_bn`); the
+training images' random horizontal flip is drawn per image (VFM-UDA++ flips the
+whole source batch, and the target batch, at once).
 
 Without roots: the built-in scenes (64x128 crops seen at 224x448 by the
 encoder, `model.input_scale` 3.5: a 16x32 token grid), a ViT-S/14 of 4 blocks

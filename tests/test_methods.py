@@ -299,6 +299,31 @@ def test_the_teacher_is_the_mean_of_the_students_so_far_as_in_dacs():
   assert not np.allclose(*(jax.tree.leaves(tree)[0] for tree in students[1:3]))
 
 
+def test_the_teacher_normalises_with_the_target_batchs_statistics_as_dacs():
+  """DACS's EMA model stays in training mode with dropout off: its BatchNorm normalises with the
+  batch's statistics (`st_teacher_bn` 'batch'); 'running' uses the running statistics."""
+  config = _config("self_training")
+  config.model.dropout_rate = 0.0
+  config.model.sync_batch_stats = False  # Applied below outside a device mesh.
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  states, _ = states_lib.create_states(config, jax.random.key(0), NUM_CLASSES, mesh)
+  seg = states["seg"]
+  variables = {"params": seg.params, "batch_stats": seg.batch_stats}
+  images = jax.numpy.asarray(np.random.default_rng(0).normal(size=(4, 32, 64, 3)), "float32")
+  training = seg.apply_fn(variables, images, train=True, rngs={"dropout": jax.random.key(1)},
+                          mutable=["batch_stats"])[0]["logits"]
+  running = seg.apply_fn(variables, images, train=False)["logits"]
+  assert not np.allclose(training, running, atol=1e-3)
+  got = methods.build(config, NUM_CLASSES).teacher_logits(seg, variables, images)
+  np.testing.assert_allclose(got, training, rtol=1e-5, atol=1e-5)
+  config.adapt.st_teacher_bn = "running"
+  got = methods.build(config, NUM_CLASSES).teacher_logits(seg, variables, images)
+  np.testing.assert_allclose(got, running, rtol=1e-5, atol=1e-5)
+  config.adapt.st_teacher_bn = "eval"
+  with pytest.raises(ValueError, match=r"adapt.st_teacher_bn='eval' must be 'batch'"):
+    methods.build(config, NUM_CLASSES)
+
+
 def test_strong_augmentation_keeps_flat_images_flat_and_probability_zero_is_identity():
   from segjax.methods import self_training  # pylint: disable=import-outside-toplevel
   image = jax.numpy.asarray(np.random.default_rng(0).uniform(0, 255, (6, 7, 3)), jax.numpy.float32)

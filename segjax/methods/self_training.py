@@ -3,8 +3,11 @@
 Beyond the seeds: the strongest widely used UDA baseline (Tranheden et al.
 2021; Hoyer et al. 2022, `mmseg/models/uda/dacs.py`). One step:
   1. The teacher, an exponential moving average of the student, predicts the
-     target batch (inference mode: BatchNorm running statistics, no dropout);
-     pseudo labels are its argmax. Their weight is the share of target pixels
+     target batch without dropout or drop path, its BatchNorm normalising with
+     the batch's statistics (`st_teacher_bn` 'batch', synchronised over devices
+     as in training: DACS's, DAFormer's and VFM-UDA's EMA model stays in
+     training mode with dropout and drop path off) or its running statistics
+     ('running'); pseudo labels are its argmax. Their weight is the share of target pixels
      whose confidence exceeds `st_threshold` (0.968), over the global batch,
      as DACS computes it per batch; rows `st_ignore_top` / `st_ignore_bottom`
      (fractions of the crop's height: DAFormer ignores 15 and 120 of 512 rows,
@@ -33,8 +36,8 @@ Beyond the seeds: the strongest widely used UDA baseline (Tranheden et al.
      update at the start of its iteration t + 1, alpha_(t+1) = min(1 - 1 /
      (t + 2), alpha), so the teacher of step t is the mean of the students
      s_0 ... s_t until the momentum reaches st_alpha. It covers the parameters
-     and the BatchNorm statistics (the teacher runs in inference mode, so its
-     statistics must follow the student's). At step 0 the teacher is the
+     and the BatchNorm running statistics (which the 'running' teacher and an
+     evaluation of the teacher, `--state=ema`, normalise with). At step 0 the teacher is the
      student itself, so backbone weights loaded into the student are the
      teacher's too.
 Random draws come from the run's key folded with the step and each example's
@@ -51,6 +54,7 @@ import ml_collections
 from segjax import global_batch, steps
 from segjax.data import augment, pipeline
 from segjax.methods import base
+from segjax.models import layers
 
 _BLUR_SIGMA = (0.15, 1.15)
 
@@ -134,6 +138,9 @@ class SelfTraining(base.Method):
       "st_jitter": 0.2,
       "st_jitter_p": 0.8,  # DACS's color_jitter_probability=0.2 is the share left unjittered.
       "st_blur": True,
+      # The teacher's BatchNorm: the target batch's statistics ("batch", DACS's training-mode
+      # EMA model) or the running statistics ("running").
+      "st_teacher_bn": "batch",
   }
   accumulates = True
 
@@ -149,6 +156,9 @@ class SelfTraining(base.Method):
                   "st_jitter_p"):
       if not 0.0 <= adapt[field] <= 1.0:
         raise ValueError(f"adapt.{field}={adapt[field]} must be in [0, 1].")
+    if adapt.st_teacher_bn not in ("batch", "running"):
+      raise ValueError(f"adapt.st_teacher_bn={adapt.st_teacher_bn!r} must be 'batch' (the "
+                       f"target batch's statistics) or 'running'.")
     if self.ignore_top + self.ignore_bottom >= 1.0:
       raise ValueError("adapt.st_ignore_top + adapt.st_ignore_bottom must be below 1.")
     crops = {domain: pipeline.crop_size(config, domain) for domain in ("source", "target")}
@@ -172,8 +182,14 @@ class SelfTraining(base.Method):
     return jax.vmap(one)(images.astype(jnp.float32), keys)
 
   def teacher_logits(self, seg: steps.TrainState, ema: dict, images: jax.Array) -> jax.Array:
-    """The teacher's (N, H, W, classes) logits of the preprocessed `images`, in inference mode."""
-    out, _ = base.segment(seg, ema["params"], ema["batch_stats"], images, None, train=False)
+    """The teacher's (N, H, W, classes) logits of the preprocessed `images`: inference mode,
+    its BatchNorm on the batch's statistics with `st_teacher_bn` 'batch'."""
+    if self.adapt.st_teacher_bn == "running":
+      out, _ = base.segment(seg, ema["params"], ema["batch_stats"], images, None, train=False)
+      return out["logits"]
+    with layers.batch_statistics():  # The statistics it would update are not kept.
+      out, _ = seg.apply_fn({"params": ema["params"], "batch_stats": ema["batch_stats"]},
+                            images, train=False, mutable=["batch_stats"])
     return out["logits"]
 
   def teacher_probs(self, seg: steps.TrainState, ema: dict, images: jax.Array) -> jax.Array:

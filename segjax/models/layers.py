@@ -1,6 +1,8 @@
 """Building blocks shared by the segmentation networks."""
 
+import contextlib
 import functools
+import threading
 
 import flax.linen as nn
 import jax
@@ -17,6 +19,29 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
   except TypeError as e:
     raise ValueError(f"Unknown dtype {name!r}; expected e.g. 'float32' or 'bfloat16'.") from e
+
+
+_BATCH_STATISTICS = threading.local()
+
+
+@contextlib.contextmanager
+def batch_statistics():
+  """Within it, while a network is traced, every BatchNorm normalises with the batch's statistics
+  (synchronised as in training), whatever its `train`: DACS's, DAFormer's and VFM-UDA's EMA
+  teacher runs in training mode with dropout and drop path off. The batch statistics update
+  the 'batch_stats' collection, so apply the network with it mutable."""
+  previous = getattr(_BATCH_STATISTICS, "on", False)
+  _BATCH_STATISTICS.on = True
+  try:
+    yield
+  finally:
+    _BATCH_STATISTICS.on = previous
+
+
+def bn_training(train: bool) -> bool:
+  """Whether a BatchNorm normalises with the batch's statistics: in training, or within
+  `batch_statistics`."""
+  return train or getattr(_BATCH_STATISTICS, "on", False)
 
 
 def batch_norm(train: bool, axis_name: str | None, dtype, param_dtype) -> nn.BatchNorm:
@@ -179,6 +204,7 @@ class FrozenBatchNorm(nn.Module):
 def norm(kind: str, train: bool, axis_name: str | None, dtype, param_dtype, name=None):
   """'batch' (trainable BatchNorm) or 'frozen' (FrozenBatchNorm), by config name."""
   if kind == "batch":
+    train = bn_training(train)
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                         axis_name=axis_name if train else None, dtype=dtype,
                         param_dtype=param_dtype, name=name)
