@@ -49,6 +49,7 @@ def real_dataset(name: str, root: str, split: str, **fields) -> ml_collections.C
   """A complete sub-config for a dataset in its native layout (see segjax.data)."""
   config = ml_collections.ConfigDict(dict(
       name=name, root=root, split=split, list_file="", resize=(), resize_labels=True,
+      keep_ratio=False,  # True: `resize` bounds the image, its aspect ratio kept (mmseg's).
       pad_to=(),  # Evaluation of variable-size images: pad image and label to (H, W).
       on_error="fail",  # Or "skip": replace an unreadable example by the next and count it.
       # GTA5 has frames whose label and image sizes differ: its labels are resized (nearest).

@@ -8,23 +8,24 @@
 With roots (gta5= or synthia=, and cityscapes=): the published recipe
 (tue-mps/vfm-uda `uda_vit_vanilla.yaml` and the code's defaults): DINOv2
 ViT-B/14 with VFM-UDA's lightweight head (`segjax.models.vfm`: the 1024 crop
-seen at 1120, an 80x80 token grid); GTA5 resized to 1440x2560, Cityscapes to
-1024x2048, each image scaled by U(0.9, 1.1), random 1024x1024 crops with flips,
-batch 8 source + 8 target; AdamW, betas (0.9, 0.999), weight decay 0.01, the
-head at 5e-5 x sqrt(global batch 8) = 1.41e-4 and the encoder at 0.1x that;
-linear warm-up over 1,500 steps from 1e-3 of the lr to the full lr
-(`np.linspace`, `optim.seg.warmup_mode="linspace"`), then linear decay to
-40,000 steps (0.9625 of the lr at step 1,500); EMA teacher 0.999 with its
-softmax averaged over a horizontal flip, pseudo-label threshold 0.968, the top
-3% and bottom 25% of the rows ignored, the source and target images weakly
-jittered (32/255, 0.5, 0.5, 18/360, p 0.9), ClassMix with colour jitter 0.2 (p
-0.8) and blur; token masking of the strongly augmented target images (70% of
-the tokens, weight 1); rare-class sampling at temperature 0.05 (images with
-over 6,000 pixels of the class: 3,000 per 512x1024, scaled to the 1024 crops;
-crops redrawn until they hold 6,000) with crops redrawn while one class covers
-75%; bf16 compute. Evaluation of the student on the whole 2048x1024 image in
-1024x1024 windows at stride 512, their softmax averaged where they overlap.
-Published: 77.1 mIoU GTA5 -> Cityscapes (ViT-B), 78.4 (ViT-L).
+seen at 1120, an 80x80 token grid); GTA5's short side resized to 1440
+(2620x1440), Cityscapes to 1024x2048, each image scaled by U(0.9, 1.1), random
+1024x1024 crops with flips, batch 8 source + 8 target; AdamW, betas (0.9,
+0.999), weight decay 0.01, the head at 5e-5 x sqrt(global batch 8) = 1.41e-4
+and the encoder at 0.1x that; linear warm-up over 1,500 steps from 1e-3 of the
+lr to the full lr (`np.linspace`, `optim.seg.warmup_mode="linspace"`), then
+linear decay to 40,000 steps (0.9625 of the lr at step 1,500); EMA teacher
+0.999 with its softmax averaged over a horizontal flip, pseudo-label threshold
+0.968, the top 3% and bottom 25% of the rows ignored, the source and target
+images weakly jittered (32/255, 0.5, 0.5, 18/360, p 0.9), ClassMix with colour
+jitter 0.2 (p 0.8) and blur; token masking of the strongly augmented target
+images (70% of the tokens, weight 1); rare-class sampling at temperature 0.05
+(images with over 6,000 pixels of the class: 3,000 per 512x1024, scaled to the
+1024 crops; crops redrawn until they hold 6,000) with crops redrawn while one
+class covers 75%; bf16 compute. Evaluation of the student on the whole
+2048x1024 image in 1024x1024 windows at stride 512, their softmax averaged
+where they overlap. Published: 77.1 mIoU GTA5 -> Cityscapes (ViT-B), 78.4
+(ViT-L).
 
 Differences from the published recipe: the learning rate is written for a
 global batch of 8: with another --config.batch_size B, set
@@ -34,15 +35,15 @@ resampling (`segjax.models.vfm`); the rare-class statistics as
 configs/daformer.py says, and the crop retries as mmseg's (up to 11 crops until
 no class covers 75%, redrawn up to 11 times until the class covers its pixels)
 where VFM-UDA tries 20 crops that must pass both tests, then takes any; GTA5 is
-resized to exactly 1440x2560, then scaled by U(0.9, 1.1) (VFM-UDA scales the
-short side to 1440 x U(0.9, 1.1) keeping the aspect ratio: 2620 wide for GTA5's
-1914x1052); SYNTHIA to 1520x2560 (VFM-UDA has no SYNTHIA loader; VFM-UDA++
-scales its short side to 1024); the pseudo labels' confidence weight is the
-share over the global batch (VFM-UDA: per GPU, 2 images with its README's 4
-GPUs), so that it is the same on any number of devices; the hue jitter rotates
-the colours in YIQ where torchvision shifts the hue in HSV; the head starts
-from flax's initialisation, not PyTorch's. VFM-UDA's README trains on 4 GPUs
-with 2 images each; the config says batch 8 on one.
+resized to 2620x1440, then scaled by U(0.9, 1.1) (VFM-UDA scales the short side
+to 1440 x U(0.9, 1.1) in one resize); SYNTHIA to 1520x2560 (VFM-UDA has no
+SYNTHIA loader; VFM-UDA++ scales its short side to 1024); the pseudo labels'
+confidence weight is the share over the global batch (VFM-UDA: per GPU, 2
+images with its README's 4 GPUs), so that it is the same on any number of
+devices; the hue jitter rotates the colours in YIQ where torchvision shifts the
+hue in HSV; the head starts from flax's initialisation, not PyTorch's.
+VFM-UDA's README trains on 4 GPUs with 2 images each; the config says batch 8
+on one.
 
 Without roots: the built-in scenes (64x128 crops, batch 8 + 8), ViT-S/14
 from scratch (no DINOv2 weights) with the same head, AdamW with the head at
@@ -89,7 +90,9 @@ def get_config(arg: str | None = None):
   config.checkpoint_every_steps = 2_000
   recipes.uda_data(config, roots)
   source = "synthia" if "synthia" in roots else "gta5"
-  config.data.source.resize = (1520, 2560) if source == "synthia" else (1440, 2560)
+  # VFM-UDA scales GTA5's short side to 1440 (1914x1052 -> 2620x1440), keeping the ratio.
+  config.data.source.resize = (1520, 2560) if source == "synthia" else (1440, 2620)
+  config.data.source.keep_ratio = source == "gta5"
   config.data.target.resize = (1024, 2048)
   config.data.eval.resize = (1024, 2048)
   config.data.crop_size = (1024, 1024)

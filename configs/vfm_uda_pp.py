@@ -11,12 +11,12 @@ With roots (gta5= or synthia=, and cityscapes=): the published recipe
 head (`segjax.models.vit_adapter`: the 1024 crop seen at 1120), starting from
 VFM-UDA++'s ImageNet-pretrained adapter checkpoint (`model.backbone_weights`:
 the ViT and the adapter; a plain DINOv2 file gives the ViT only, the adapter
-then starts from its initialisation); VFM-UDA's data (configs/vfm_uda.py: GTA5
-at 1440x2560, Cityscapes at 1024x2048, scale U(0.9, 1.1), 1024x1024 crops,
-rare-class sampling, batch 8 + 8, VFM-UDA's pseudo-label margins); AdamW,
-weight decay 0.01 on every parameter, the decoder (adapter, head, distillation
-head) at 1e-5 x sqrt(global batch 8) = 2.83e-5, the ViT's block i of 24 at 0.1
-x 0.9^(23 - i) of that and its embeddings at 0.1 x 0.9^24
+then starts from its initialisation); VFM-UDA's data (configs/vfm_uda.py:
+GTA5's short side at 1440 (2620x1440), Cityscapes at 1024x2048, scale U(0.9,
+1.1), 1024x1024 crops, rare-class sampling, batch 8 + 8, VFM-UDA's pseudo-label
+margins); AdamW, weight decay 0.01 on every parameter, the decoder (adapter,
+head, distillation head) at 1e-5 x sqrt(global batch 8) = 2.83e-5, the ViT's
+block i of 24 at 0.1 x 0.9^(23 - i) of that and its embeddings at 0.1 x 0.9^24
 (`optim.seg.layer_decay`), linear warm-up over 1,500 steps from 1e-3 of the lr
 to the full lr (as configs/vfm_uda.py), linear decay to 0 at 40,000 steps; EMA
 teacher 0.999, softmax averaged over a flip, threshold 0.968; ClassMix onto the

@@ -200,6 +200,7 @@ def test_the_published_recipe():
                                                    1500, 1e-6)
   # mmseg 0.16's CE over every pixel; the mixed images jittered 4 times in 5 (`uniform > 0.2`).
   assert config.loss.avg_non_ignore is False and adapt.st_jitter_p == 0.8
+  assert tuple(config.data.source.resize) == (720, 1280) and config.data.source.keep_ratio
 
 
 # ---- MIC: masked image consistency.

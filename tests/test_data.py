@@ -208,6 +208,28 @@ def test_eval_split_is_padded_with_ignore_only_records():
   assert np.all(labels[11:] == 255) and np.all(labels[:11] != 255)
 
 
+def test_keep_ratio_resizes_within_the_bound_as_mmseg(tmp_path):
+  """mmseg's Resize((1280, 720), keep_ratio=True), mmcv.rescale_size: GTA5's 1914x1052 frame
+  becomes 1280x704 (scale min(1280 / 1914, 720 / 1052)), labels with it; the cache tells the
+  two resizes apart."""
+  image, label = tmp_path / "00001.png", tmp_path / "00001_label.png"
+  Image.fromarray(np.zeros((1052, 1914, 3), np.uint8)).save(image)
+  Image.fromarray(np.zeros((1052, 1914), np.uint8)).save(label)
+  fmt = files.LabelFormat("ids", "class ids", np.arange(256, dtype=np.uint8), np.ones(256, bool))
+  kept = files.FileSource("gta5", [(str(image), str(label))], fmt, resize=(720, 1280),
+                          keep_ratio=True)
+  record = kept[0]
+  assert record["image"].shape == (704, 1280, 3) and record["label"].shape == (704, 1280)
+  assert kept.working_size((1052, 1914)) == (704, 1280)
+  assert kept.working_size((1440, 2560)) == (720, 1280)  # Already in the ratio: the bound.
+  # VFM-UDA's short side at 1440: the bound (1440, 2620) gives GTA5 2620x1440.
+  assert files.FileSource("gta5", [], fmt, resize=(1440, 2620),
+                          keep_ratio=True).working_size((1052, 1914)) == (1440, 2620)
+  exact = files.FileSource("gta5", [(str(image), str(label))], fmt, resize=(720, 1280))
+  assert exact[0]["image"].shape == (720, 1280, 3)
+  assert files.cache_key(kept, {}) != files.cache_key(exact, {})
+
+
 def test_a_skipped_file_is_warned_about_once_however_often_it_is_drawn(tmp_path, caplog):
   good = [str(tmp_path / f"good{i}.png") for i in range(2)]
   for i, path in enumerate(good):

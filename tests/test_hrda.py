@@ -234,7 +234,7 @@ def test_the_published_hrda_and_mic_recipes():
     assert (config.model.name, tuple(config.model.detail_crop), config.model.detail_divisible,
             config.loss.detail_weight) == ("hrda_mitb5", (512, 512), 8, 0.1)
     assert tuple(config.data.crop_size) == (1024, 1024) and config.batch_size == 2
-    assert tuple(config.data.source.resize) == (1440, 2560)
+    assert tuple(config.data.source.resize) == (1440, 2560) and config.data.source.keep_ratio
     assert tuple(config.data.target.resize) == tuple(config.data.eval.resize) == (1024, 2048)
     assert (tuple(config.inference.window), tuple(config.inference.stride)) == (
         (1024, 1024), (512, 512))

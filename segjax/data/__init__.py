@@ -6,8 +6,10 @@ dataset and its options:
   name: street_scenes (built in) | cityscapes | gta5 | synthia | kitti_road |
         voc | crosscity | tfds
   root, split, list_file: where the native files are (`segjax.data.readers`)
-  resize: (height, width) working resolution, () for native; resize_labels:
-        False keeps labels at full resolution (evaluation)
+  resize: (height, width) working resolution, () for native; keep_ratio: True
+        makes `resize` a bound that keeps the aspect ratio (mmseg's
+        keep_ratio); resize_labels: False keeps labels at full resolution
+        (evaluation)
   on_error: 'fail' | 'skip'; on_size_mismatch: 'fail' | 'skip' | 'resize'
         (`segjax.data.files`)
   cache_dir, cache_format: a cache of decoded, resized records
@@ -76,6 +78,7 @@ def _files_source(lister: Callable[[ml_collections.ConfigDict], tuple]) -> Calla
     pairs, label_format = lister(config)
     return FileSource(config.name, pairs, label_format, resize=tuple(config.get("resize", ())),
                       resize_labels=config.get("resize_labels", True),
+                      keep_ratio=config.get("keep_ratio", False),
                       on_error=config.get("on_error", "fail"),
                       on_size_mismatch=config.get("on_size_mismatch", "fail"))
   return build

@@ -180,6 +180,10 @@ class FileSource:
 
   pairs: (image path, label path or None) per example, in order.
   resize: (height, width) to resize every image to, or () for the native size.
+  keep_ratio: `resize` bounds the image instead, as mmseg's `Resize(img_scale,
+    keep_ratio=True)` (`mmcv.rescale_size`): the image is scaled by
+    min(long side of `resize` / its long side, short side of `resize` / its
+    short side), each side rounded (GTA5's 1914x1052 in (720, 1280): 1280x704).
   resize_labels: resize labels with their images (training), or keep them at
     their native resolution (evaluation at full resolution).
   """
@@ -188,6 +192,7 @@ class FileSource:
   label_format: LabelFormat | None
   resize: tuple[int, ...] = ()
   resize_labels: bool = True
+  keep_ratio: bool = False
   on_error: str = "fail"  # 'fail' or 'skip'.
   on_size_mismatch: str = "fail"  # 'fail', 'skip' or 'resize'.
 
@@ -226,10 +231,18 @@ class FileSource:
     return read_or_skip(self.load, index, len(self), self._skipped, self.name,
                         lambda e: self.on_error == "skip" or isinstance(e, _SizeMismatchSkip))
 
+  def working_size(self, native: tuple[int, int]) -> tuple[int, ...]:
+    """The (height, width) an image of `native` (height, width) is read at; () for native."""
+    if not self.resize or not self.keep_ratio:
+      return self.resize
+    scale = min(max(self.resize) / max(native), min(self.resize) / min(native))
+    return int(native[0] * scale + 0.5), int(native[1] * scale + 0.5)
+
   def load(self, index: int) -> dict:
     """Example `index`, decoded and resized; DataError on any problem with its files."""
     image_path, label_path = self.pairs[index]
     image = read_image(image_path)
+    size = self.working_size(image.shape[:2])
     record = {}
     if label_path is not None:
       label = read_label(label_path, self.label_format)
@@ -248,11 +261,11 @@ class FileSource:
           if self.on_size_mismatch == "skip" and self.on_error != "skip":
             raise _SizeMismatchSkip(str(error))
           raise error
-      if self.resize and self.resize_labels and label.shape != self.resize:
-        label = _resize(label, self.resize, Image.NEAREST)
+      if size and self.resize_labels and label.shape != size:
+        label = _resize(label, size, Image.NEAREST)
       record["label"] = label
-    if self.resize and image.shape[:2] != self.resize:
-      image = _resize(image, self.resize, Image.BICUBIC)
+    if size and image.shape[:2] != size:
+      image = _resize(image, size, Image.BICUBIC)
     record["image"] = image
     return record
 
@@ -322,7 +335,8 @@ def check_pairs(name: str, pairs: Sequence[tuple[str, str | None]], where: str) 
 def cache_key(source: FileSource, identity: dict) -> str:
   """The cache folder name for `source`: a hash of everything that changes its content."""
   payload = json.dumps({"version": _CACHE_VERSION, "resize": list(source.resize),
-                        "resize_labels": source.resize_labels, **identity}, sort_keys=True)
+                        "resize_labels": source.resize_labels, **identity,
+                        **({"keep_ratio": True} if source.keep_ratio else {})}, sort_keys=True)
   return f"{source.name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
