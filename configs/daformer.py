@@ -39,14 +39,15 @@ ClassMix takes half of the classes of each source image, ignore excluded
 a drawn class may be absent from the image). The EMA covers the BatchNorm
 running statistics too (DAFormer's the parameters only): the teacher normalises
 with the target batch's statistics as DAFormer's, and the running ones serve an
-evaluation of the teacher (`--state=ema`). The colour jitter is torchvision's
-(PIL's formulas in the fixed order brightness, contrast, saturation, hue; hue
-as a rotation in YIQ), where DAFormer pins kornia 0.5.8, whose ColorJitter
-predates kornia's PIL-aligned rewrite (the old one is kept as ColorJiggle) and
-may differ in its formulas and order (not compared here); the jitter and blur
-are drawn per image, not once per batch; the blur kernel spans 3 sigma of 1.15
-(9 taps, edges repeated) where DAFormer's spans a tenth of the image
-(reflected), alike for these sigmas.
+evaluation of the teacher (`--state=ema`). The colour jitter takes
+torchvision's factor ranges in the fixed order brightness, contrast,
+saturation, hue (contrast about the input image's mean grey, hue as a rotation
+in YIQ, one clip at the end), where DAFormer pins kornia 0.5.8, whose
+ColorJitter predates kornia's PIL-aligned rewrite (the old one is kept as
+ColorJiggle) and may differ in its formulas and order (not compared here); the
+jitter and blur are drawn per image, not once per batch; the blur kernel spans
+3 sigma of 1.15 (9 taps, edges repeated) where DAFormer's spans a tenth of the
+image (reflected), alike for these sigmas.
 
 Without roots: the built-in scenes (64x128 crops, batch 8 + 8), MiT-B0 from
 scratch (no ImageNet weights, so no feature distance), AdamW at 6e-4 (10x

@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   # mpl's teacher: its own optimizer, the same fields as optim.seg.
   config.optim.teacher = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.01, momentum=0.9, b1=0.9, b2=0.999, weight_decay=5e-4, power=0.9,
-      head_lr_mult=1.0, warmup_steps=0, warmup_ratio=1e-6, no_decay=()))
+      head_lr_mult=1.0, warmup_steps=0, warmup_ratio=1e-6, warmup_mode="mmcv", no_decay=()))
 
   # The segmentation loss of every head: "ce", "focal", "ce+focal" or "ohem".
   config.loss = ml_collections.ConfigDict(dict(

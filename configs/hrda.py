@@ -22,7 +22,7 @@ HRDA's pseudo-label crop v2: the margins of the whole Cityscapes image (30 rows
 at the top, 240 at the bottom, 30 columns on each side) are cut out of each
 crop's pseudo-label weights where the crop holds them
 (`data.target.pseudo_margins`). Differences from the published recipe:
-configs/daformer.py's, except that counting the rare classes at 2560x1440 (HRDA
+configs/daformer.py's, except that counting the rare classes at 2560x1407 (HRDA
 at 1914x1052) selects more images, not fewer; each example draws its own detail
 window (HRDA draws one per batch).
 

@@ -90,8 +90,9 @@ def get_config(arg: str | None = None):
   config.checkpoint_every_steps = 2_000
   recipes.uda_data(config, roots)
   source = "synthia" if "synthia" in roots else "gta5"
-  # VFM-UDA scales GTA5's short side to 1440 (1914x1052 -> 2620x1440), keeping the ratio.
-  config.data.source.resize = (1520, 2560) if source == "synthia" else (1440, 2620)
+  # VFM-UDA scales GTA5's short side to 1440 (1914x1052 -> 2620x1440), keeping the ratio: a
+  # bound whose long side never binds.
+  config.data.source.resize = (1520, 2560) if source == "synthia" else (1440, 10_000)
   config.data.source.keep_ratio = source == "gta5"
   config.data.target.resize = (1024, 2048)
   config.data.eval.resize = (1024, 2048)

@@ -7,7 +7,8 @@
 The exported function takes RGB images, float32 in 0-255, (N, H, W, 3) at
 --size, normalises them with the run's mean and std inside, and returns the
 class scores (N, H, W, C) float32 of `config.inference` at that size: logits,
-or averaged probabilities under test-time augmentation (the argmax is the
+or averaged probabilities under test-time augmentation or with windows that
+average their softmax (`inference.average='probs'`; the argmax is the
 prediction either way). BatchNorm uses its running statistics, dropout is off.
 
 Formats (the batch dimension is dynamic where the format allows):
@@ -431,7 +432,8 @@ def _metadata(config, info, fmt, quantize, size, batch, workdir, step, checkpoin
       "output": {"name": OUTPUT_NAME, "shape": [batch, *size, info.num_classes],
                  "dtype": "float32",
                  "meaning": "class scores at the input size (logits; averaged probabilities "
-                            "under test-time augmentation): the argmax is the predicted train id"},
+                            "under test-time augmentation or inference.average='probs' "
+                            "windows): the argmax is the predicted train id"},
       "class_names": list(info.class_names),
       "palette": np.asarray(info.palette).tolist(),
       "label_ids": {str(k): int(v) for k, v in info.train_to_id},

@@ -54,6 +54,12 @@ class Inference:
   def augmented(self) -> bool:
     return self.flip or self.scales != (1.0,)
 
+  @property
+  def returns_probs(self) -> bool:
+    """Whether `predict` returns probabilities (test-time augmentation, or windows averaging
+    their softmax) rather than logits."""
+    return self.augmented or (bool(self.window) and self.average == "probs")
+
 
 def _resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   return layers.resize_bilinear(x, *size)

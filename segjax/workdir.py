@@ -143,8 +143,11 @@ ADDED_FIELDS = {
     "optim.teacher.no_decay": [], "optim.accumulate_steps": 1,
     "loss.detail_weight": 0.1, "adapt.mic": False, "adapt.mic_ratio": 0.7, "adapt.mic_block": 64, "adapt.mic_lambda": 1.0,
     "data.augment.cat_max_ratio": 1.0, "loss.avg_non_ignore": True,
-    "optim.seg.warmup_mode": "mmcv", "data.source.keep_ratio": False,
-    "data.target.keep_ratio": False,
+    "optim.seg.warmup_mode": "mmcv", "optim.teacher.warmup_mode": "mmcv",
+    "data.source.keep_ratio": False, "data.target.keep_ratio": False,
+    # The self-training teacher as it was before these fields (2026-12-04).
+    "adapt.st_teacher_bn": "running", "adapt.st_target_weak": False,
+    "adapt.st_source_weak": False,
     "data.rcs.temperature": 0.0, "data.rcs.min_pixels": 3000, "data.rcs.min_crop_ratio": 0.5,
     "data.rcs.stats": "",
 }

@@ -222,8 +222,8 @@ def test_keep_ratio_resizes_within_the_bound_as_mmseg(tmp_path):
   assert record["image"].shape == (704, 1280, 3) and record["label"].shape == (704, 1280)
   assert kept.working_size((1052, 1914)) == (704, 1280)
   assert kept.working_size((1440, 2560)) == (720, 1280)  # Already in the ratio: the bound.
-  # VFM-UDA's short side at 1440: the bound (1440, 2620) gives GTA5 2620x1440.
-  assert files.FileSource("gta5", [], fmt, resize=(1440, 2620),
+  # VFM-UDA's short side at 1440 (configs/vfm_uda.py's bound (1440, 10000)): 2620x1440.
+  assert files.FileSource("gta5", [], fmt, resize=(1440, 10_000),
                           keep_ratio=True).working_size((1052, 1914)) == (1440, 2620)
   exact = files.FileSource("gta5", [(str(image), str(label))], fmt, resize=(720, 1280))
   assert exact[0]["image"].shape == (720, 1280, 3)

@@ -71,6 +71,11 @@ def test_sliding_windows_can_average_their_probabilities_as_vfm_uda():
   np.testing.assert_allclose(got[0, 0, 6], second, rtol=1e-6)
   assert int(jnp.argmax(got[0, 0, 3])) == 1 and int(jnp.argmax(
       (jnp.array([5.0, 0.0, 4.9]) + jnp.array([0.0, 2.0, 0.0])) / 2)) == 0
+  # What predict returns, for its callers (make_pseudo_labels softmaxes logits only).
+  assert inference.Inference(window=(4, 5), average="probs").returns_probs
+  assert not inference.Inference(window=(4, 5)).returns_probs
+  assert not inference.Inference(average="probs").returns_probs  # No windows: logits.
+  assert inference.Inference(flip=True).returns_probs
   with pytest.raises(ValueError, match=r"inference.average='mean': expected 'logits'"):
     inference.Inference.from_config(ml_collections.ConfigDict(dict(average="mean")))
 

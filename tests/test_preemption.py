@@ -145,6 +145,19 @@ def test_resume_config_check_refuses_training_fields_and_records_the_others(tmp_
   workdir_lib.check_resume_config(str(tmp_path), allowed, step=6)  # Now the recorded config.
 
 
+def test_a_workdir_recorded_before_a_field_resumes_only_with_the_fields_old_value(tmp_path):
+  """A self-training run recorded before adapt.st_teacher_bn trained with the running
+  statistics: it resumes with 'running', and the new default 'batch' is a change it names."""
+  old = ml_collections.ConfigDict({"seed": 0, "adapt": {"method": "self_training"}})
+  workdir_lib.record_config(str(tmp_path), old)
+  new = ml_collections.ConfigDict({"seed": 0, "adapt": {"method": "self_training",
+                                                        "st_teacher_bn": "batch"}})
+  with pytest.raises(workdir_lib.WorkdirError, match=r"config.adapt.st_teacher_bn"):
+    workdir_lib.check_resume_config(str(tmp_path), new, step=4)
+  new.adapt.st_teacher_bn = "running"
+  workdir_lib.check_resume_config(str(tmp_path), new, step=4)
+
+
 def test_non_finite_states_are_recognised_before_a_save():
   finite = {"w": jnp.ones(3), "count": jnp.zeros((), jnp.int32)}
   assert bool(train._all_finite(finite))  # pylint: disable=protected-access

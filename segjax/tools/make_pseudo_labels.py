@@ -319,7 +319,7 @@ class CheckpointPredictor:
         return outputs["logits"]
       scores = inference.predict(logits_fn, steps.preprocess(images, mean, std),
                                  images.shape[1:3], tta)
-      return scores if tta.augmented else jax.nn.softmax(scores, axis=-1)
+      return scores if tta.returns_probs else jax.nn.softmax(scores, axis=-1)
 
     self._probabilities = parallel.data_parallel(
         probabilities, mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
