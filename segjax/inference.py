@@ -55,10 +55,15 @@ class Inference:
     return self.flip or self.scales != (1.0,)
 
   @property
+  def window_probs(self) -> bool:
+    """Whether sliding windows average their softmax (VFM-UDA) rather than their logits."""
+    return bool(self.window) and self.average == "probs"
+
+  @property
   def returns_probs(self) -> bool:
     """Whether `predict` returns probabilities (test-time augmentation, or windows averaging
     their softmax) rather than logits."""
-    return self.augmented or (bool(self.window) and self.average == "probs")
+    return self.augmented or self.window_probs
 
 
 def _resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -108,7 +113,7 @@ def predict(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
   prediction.
   """
   height, width = images.shape[1:3]
-  probs = bool(inference.window) and inference.average == "probs"
+  probs = inference.window_probs
 
   def run(x):
     if inference.window:

@@ -7,14 +7,15 @@ Beyond the seeds: the strongest widely used UDA baseline (Tranheden et al.
      the batch's statistics (`st_teacher_bn` 'batch', synchronised over devices
      as in training: DACS's, DAFormer's and VFM-UDA's EMA model stays in
      training mode with dropout and drop path off) or its running statistics
-     ('running'); pseudo labels are its argmax. Their weight is the share of target pixels
-     whose confidence exceeds `st_threshold` (0.968), over the global batch,
-     as DACS computes it per batch; rows `st_ignore_top` / `st_ignore_bottom`
-     (fractions of the crop's height: DAFormer ignores 15 and 120 of 512 rows,
-     the ego car and the rectification border) get weight 0, and so do the
-     pixels of the image's margins `data.target.pseudo_margins` that a crop
-     holds (HRDA's pseudo-label crop v2: 30, 240, 30, 30 pixels of the
-     2048x1024 image, top, bottom, left, right; `segjax.data.augment`).
+     ('running'); pseudo labels are its argmax. Their weight is the share of
+     target pixels whose confidence exceeds `st_threshold` (0.968), over the
+     global batch, as DACS computes it per batch; rows `st_ignore_top` /
+     `st_ignore_bottom` (fractions of the crop's height: DAFormer ignores 15
+     and 120 of 512 rows, the ego car and the rectification border) get weight
+     0, and so do the pixels of the image's margins
+     `data.target.pseudo_margins` that a crop holds (HRDA's pseudo-label crop
+     v2: 30, 240, 30, 30 pixels of the 2048x1024 image, top, bottom, left,
+     right; `segjax.data.augment`).
   2. ClassMix: for each (source, target) pair, half of the classes present in
      the source label (rounded up) are drawn at random; their source pixels
      are pasted onto the target image, with the source labels (weight 1) over
@@ -31,15 +32,14 @@ Beyond the seeds: the strongest widely used UDA baseline (Tranheden et al.
      differentiated on its own and the next starts once its gradient is done
      (an optimisation barrier), so a step keeps one pass's activations at a
      time; the gradients add up.
-  5. The teacher follows: after step t (from 0), teacher = alpha * teacher +
-     (1 - alpha) * student with alpha = min(1 - 1 / (t + 2), st_alpha): DACS's
-     update at the start of its iteration t + 1, alpha_(t+1) = min(1 - 1 /
-     (t + 2), alpha), so the teacher of step t is the mean of the students
-     s_0 ... s_t until the momentum reaches st_alpha. It covers the parameters
-     and the BatchNorm running statistics (which the 'running' teacher and an
-     evaluation of the teacher, `--state=ema`, normalise with). At step 0 the teacher is the
-     student itself, so backbone weights loaded into the student are the
-     teacher's too.
+  5. The teacher follows: after step t (from 0),
+     teacher = alpha * teacher + (1 - alpha) * student, alpha = min(1 - 1 / (t + 2), st_alpha):
+     DACS's update at the start of its iteration t + 1, so the teacher of step
+     t is the mean of the students s_0 ... s_t until the momentum reaches
+     st_alpha. It covers the parameters and the BatchNorm running statistics
+     (which the 'running' teacher and an evaluation of the teacher,
+     `--state=ema`, normalise with). At step 0 the teacher is the student
+     itself, so backbone weights loaded into the student are the teacher's too.
 Random draws come from the run's key folded with the step and each example's
 index in the global batch, so a step is the same on any number of devices.
 The student (states['seg']) is the network evaluated.
@@ -84,7 +84,9 @@ def classmix_mask(label: jax.Array, key: jax.Array, num_classes: int) -> jax.Arr
 def color_jitter(image: jax.Array, key: jax.Array, strength: float, prob: float, *,
                  brightness: float | None = None, contrast: float | None = None,
                  saturation: float | None = None, hue: float | None = None) -> jax.Array:
-  """kornia-style ColorJitter(b, c, s, h = strength) with probability `prob`; image in [0, 255].
+  """ColorJitter(b, c, s, h = strength) with probability `prob`; image in [0, 255]: brightness
+  scales, contrast blends with the input's mean grey, saturation with each pixel's grey, hue
+  rotates the colours in YIQ, in that order, clipped once at the end.
 
   `brightness`, `contrast`, `saturation`, `hue` set one factor's range apart from the
   others' `strength` (torchvision's ColorJitter(32/255, 0.5, 0.5, 18/360), VFM-UDA++'s weak

@@ -201,11 +201,13 @@ class FrozenBatchNorm(nn.Module):
     return x * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
-def norm(kind: str, train: bool, axis_name: str | None, dtype, param_dtype, name=None):
-  """'batch' (trainable BatchNorm) or 'frozen' (FrozenBatchNorm), by config name."""
+def norm(kind: str, train: bool, axis_name: str | None, dtype, param_dtype, name=None,
+         momentum: float = 0.9):
+  """'batch' (trainable BatchNorm; flax's `momentum`, PyTorch's 0.1 by default) or 'frozen'
+  (FrozenBatchNorm), by config name."""
   if kind == "batch":
     train = bn_training(train)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=1e-5,
                         axis_name=axis_name if train else None, dtype=dtype,
                         param_dtype=param_dtype, name=name)
   if kind == "frozen":

@@ -170,16 +170,6 @@ class MSDeformAttn(nn.Module):
     return nn.Dense(d, kernel_init=xavier, name="output_proj", **kw)(out)
 
 
-def _batch_norm(train: bool, axis_name: str | None, name: str, dtype,
-                param_dtype) -> nn.BatchNorm:
-  """PyTorch's SyncBatchNorm as VFM-UDA++ sets it (momentum 0.01); batch statistics in training
-  or within `layers.batch_statistics` (the EMA teacher)."""
-  batch = layers.bn_training(train)
-  return nn.BatchNorm(use_running_average=not batch, momentum=BN_MOMENTUM, epsilon=1e-5,
-                      axis_name=axis_name if batch else None, name=name, dtype=dtype,
-                      param_dtype=param_dtype)
-
-
 def _norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=ADAPTER_EPS, name=name, dtype=dtype, param_dtype=param_dtype)
 
@@ -241,7 +231,8 @@ class SpatialPrior(nn.Module):
 
     def conv_bn_relu(x, features, stride, conv_name, bn_name):
       x = layers.conv(features, 3, stride, 1, name=conv_name, **kw)(x)
-      x = _batch_norm(train, self.bn_axis_name, bn_name, **kw)(x)
+      x = layers.norm("batch", train, self.bn_axis_name, name=bn_name, momentum=BN_MOMENTUM,
+                      **kw)(x)
       return nn.relu(x)
 
     c = SPM_WIDTH
@@ -307,7 +298,8 @@ class PyramidHead(nn.Module):
       x = (_conv_transpose(width, f"up_conv{i}", **kw)(x)
            + layers.conv(width, 1, use_bias=True, name=f"reduce_conv{i}", **kw)(skip))
       x = layers.conv(width, 3, padding=1, use_bias=True, name=f"smooth_conv{i}", **kw)(x)
-      x = nn.relu(_batch_norm(train, self.bn_axis_name, f"norm{i}", **kw)(x))
+      x = nn.relu(layers.norm("batch", train, self.bn_axis_name, name=f"norm{i}",
+                              momentum=BN_MOMENTUM, **kw)(x))
     x = layers.conv(d // 8, 3, padding=1, use_bias=True, name="smooth_conv4", **kw)(x)
     return layers.conv(self.num_classes, 1, kernel_init=nn.initializers.normal(0.1),
                        name="out", **kw)(x)
@@ -446,7 +438,8 @@ class Adapter(nn.Module):
     features = []
     for i, level in enumerate((c1, c2, c3, c4)):
       level = level + layers.resize_bilinear(outs[i], *level.shape[1:3]).astype(level.dtype)
-      features.append(_batch_norm(train, self.bn_axis_name, f"norm{i + 1}", **kw)(level))
+      features.append(layers.norm("batch", train, self.bn_axis_name, name=f"norm{i + 1}",
+                                  momentum=BN_MOMENTUM, **kw)(level))
     return features
 
 
