@@ -116,13 +116,15 @@ def segmenter_sources(method, config: ml_collections.ConfigDict) -> dict[str, tu
 
 def initialise_segmenters(states: dict, method, config: ml_collections.ConfigDict,
                           num_classes: int, mesh) -> dict:
-  """A fresh run's segmenters: backbone weights in each (`method.pretrained_states`), then
-  those with a source (`segmenter_sources`) replaced by that run's segmenter, then the
-  method's own files (`method.load_initial`)."""
+  """A fresh run's segmenters: backbone weights in each (`method.pretrained_states`), copied
+  where the method keeps them (`method.keep_pretrained`), then those with a source
+  (`segmenter_sources`) replaced by that run's segmenter, then the method's own files
+  (`method.load_initial`)."""
   states = dict(states)
   if config.model.backbone_weights:
     for name in method.pretrained_states:
       states[name] = load_backbone_weights(states[name], config.model, mesh)
+    states = method.keep_pretrained(states)
   for name, (field, source) in segmenter_sources(method, config).items():
     states[name] = init_segmenter_from(states[name], config, num_classes, mesh, source, field)
   return method.load_initial(states, mesh)

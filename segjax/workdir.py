@@ -10,8 +10,9 @@
   one in `config.json`. Fields that cannot change the trained weights
   (`MAY_CHANGE_ON_RESUME`: evaluation, logging, checkpoint cadence; fields read
   only at a fresh start, such as init_from; the locations of inputs, such as
-  dataset roots, which move with a dataset or a copied workdir) may differ; the changes are appended to `config_changes.jsonl` and `config.json`
-  is rewritten (atomically). Any other change is an error naming the fields.
+  dataset roots, which move with a dataset or a copied workdir) may differ;
+  the changes are appended to `config_changes.jsonl` and `config.json` is
+  rewritten (atomically). Any other change is an error naming the fields.
 """
 
 import fcntl

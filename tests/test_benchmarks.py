@@ -68,12 +68,14 @@ def test_conv_formulations_runs_at_its_tiny_size(cache_dir, tmp_path):
 
 
 def test_step_costs_runs_at_its_tiny_size(cache_dir):
-  proc = _run("step_costs.py", "--tiny", cache_dir=cache_dir)
+  # --memory compiles each step (minutes even here): tests/test_summary.py checks that path.
+  proc = _run("step_costs.py", "--tiny", "--bf16", "--remat", cache_dir=cache_dir)
   rows = [line for line in proc.stdout.splitlines() if "GFLOPs" in line]
   # The tiny run: the MIC recipes, whose steps hold the others' passes (the whole step's count
   # is checked in tests/test_summary.py).
   assert [row[:16].strip() for row in rows] == ["DAFormer + MIC", "MIC on HRDA"]
-  assert "daformer_mitb0" in rows[0] and "hrda_mitb0" in rows[1]
+  assert "daformer_mitb0  bfloat16 remat=True" in rows[0]
+  assert "hrda_mitb0      bfloat16 remat=True" in rows[1]
   flops = [float(row.rsplit(": ", 1)[1].split()[0].replace(",", "")) for row in rows]
   assert all(f > 0 for f in flops) and flops[0] != flops[1]
 

@@ -2,6 +2,7 @@
 
 import functools
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import daformer as daformer_config
-from segjax import methods, models, optim, parallel
+from segjax import checkpointing, methods, models, optim, parallel
 from segjax import states as states_lib
 from segjax.methods import daformer
 from segjax.models import layers, weights
@@ -98,7 +99,7 @@ def test_feature_distance_is_the_mean_l2_over_the_mask_with_zero_gradient_at_equ
   assert np.all(np.isfinite(np.asarray(grad))) and not np.any(np.asarray(grad))
 
 
-def _fd_config(tmp_path):
+def _fd_config(tmp_path, model_name="daformer_mitb0"):
   """configs/daformer.py on the test's small scenes, with (random) backbone weights: FD on."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   from configs import test as test_config  # pylint: disable=import-outside-toplevel
@@ -108,6 +109,7 @@ def _fd_config(tmp_path):
   config.data.crop_size = (64, 64)
   config.adapt.fd_classes = ("car", "person", "pole")
   config.adapt.st_threshold = 0.2
+  config.model.name = model_name
   model = models.build_segmenter(config.model, 8)
   params = model.init(jax.random.key(7), jnp.zeros((1, 64, 64, 3)))["params"][weights.BACKBONE]
   key = models.segmenter_class(config.model.name).backbone_torch_key
@@ -139,7 +141,7 @@ def test_daformer_step_on_8_devices_equals_1_device_with_the_feature_distance(tm
   def run(num_devices):
     mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
     states, _ = states_lib.create_states(config, jax.random.key(0), num_classes, mesh)
-    states["seg"] = states_lib.load_backbone_weights(states["seg"], config.model, mesh)
+    states = states_lib.initialise_segmenters(states, method, config, num_classes, mesh)
     step = parallel.data_parallel(functools.partial(method.step, axis_name="data"), mesh,
                                   in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
     history = []
@@ -152,7 +154,7 @@ def test_daformer_step_on_8_devices_equals_1_device_with_the_feature_distance(tm
   history1, states1 = run(1)
   assert set(states1) == {"seg", "ema", "imnet"}
   assert set(history1[0]) == {"loss_seg", "loss_mix", "loss_fd", "pseudo_weight", "lr"}
-  # The frozen encoder holds the file's weights (set at step 0 from the loaded student).
+  # The frozen encoder holds the file's weights (copied from the loaded student).
   frozen = traverse_util.flatten_dict(states1["imnet"]["params"])
   key = models.segmenter_class(config.model.name).backbone_torch_key
   saved = load_file(config.model.backbone_weights)
@@ -169,6 +171,31 @@ def test_daformer_step_on_8_devices_equals_1_device_with_the_feature_distance(tm
   # At step 2 the encoder's lr is 4e-6 (warm-up), the head's 4e-5: 1e-4 is 2.5 head steps.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                states8["seg"].params, states1["seg"].params)
+
+
+def test_the_frozen_encoder_holds_the_imagenet_weights_when_the_student_starts_from_a_run(
+    tmp_path):
+  """config.init_from (a source-only run, say) replaces the student's weights after the frozen
+  encoder has copied the backbone file's, as DAFormer's frozen model is the ImageNet one."""
+  config, num_classes = _fd_config(tmp_path, "segformer_mitb0"), 8  # The lighter head.
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  method = methods.build(config, num_classes)
+  fresh, _ = states_lib.create_states(config, jax.random.key(0), num_classes, mesh)
+  other = {"seg": jax.tree.map(lambda x: x + 1, fresh["seg"])}  # Another run's segmenter.
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints"), max_to_keep=1)
+  ckpt.save(5, other, iter(grain.MapDataset.range(4).to_iter_dataset()))
+  ckpt.wait_until_finished()
+  ckpt.close()
+  config.init_from = str(tmp_path / "run")
+  started = jax.device_get(states_lib.initialise_segmenters(fresh, method, config, num_classes,
+                                                            mesh))
+  saved = load_file(config.model.backbone_weights)
+  key = models.segmenter_class(config.model.name).backbone_torch_key
+  frozen = traverse_util.flatten_dict(started["imnet"]["params"])
+  for path, value in frozen.items():
+    np.testing.assert_array_equal(value, weights.convert(saved[key(path)], value.shape, ""))
+  jax.tree.map(np.testing.assert_array_equal, started["seg"].params,
+               jax.device_get(other["seg"].params))
 
 
 def test_without_backbone_weights_the_feature_distance_is_off():

@@ -78,6 +78,20 @@ def test_statistics_continue_an_interrupted_computation_and_are_checked(tmp_path
   resumed = rare_class.compute(config.data.source, "data.source", path=path)
   assert resumed["counts"][0] == partial["counts"][0] and resumed["counts"][1:] == full["counts"][1:]
   assert rare_class.read(path, config.data.source, "data.source")["counts"] == resumed["counts"]
+  # Counts of labels at another size select other images: an error, and no continuation.
+  sized = config.data.source.copy_and_resolve_references()
+  sized.resize, sized.keep_ratio = (32, 48), True
+  with pytest.raises(errors.ConfigError, match=r"counts labels sized \{'resize': \[\], 'keep_ratio': "
+                     r"False, 'resize_labels': True\}, not data.source's \{'resize': \[32, 48\], "
+                     r"'keep_ratio': True"):
+    rare_class.read(path, sized, "data.source")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(partial, f)
+  assert rare_class.compute(sized, "data.source", path=path)["counts"][0] != partial["counts"][0]
+  # A record written before the sizing was kept continues (a workdir's config fixes it).
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({k: v for k, v in partial.items() if k != "sizing"}, f)
+  assert rare_class.compute(config.data.source, "data.source", path=path)["counts"][0] == [-1] * 8
   config.data.source.num_examples = 30
   with pytest.raises(errors.ConfigError, match=r"counts 24 of 24 images; data.source has 30"):
     rare_class.read(path, config.data.source, "data.source")

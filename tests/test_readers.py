@@ -274,6 +274,13 @@ def test_tfds_prepared_dataset_is_read_with_random_access(tmp_path):
   for record, i in zip(records, expected):
     np.testing.assert_array_equal(record["image"], images[i])
     np.testing.assert_array_equal(record["label"], _map(ids[i, ..., 0], ID_TO_TRAINID))
+  # Resized as the file datasets are: to `resize`, or within it keeping the ratio (12x8 -> 6x4).
+  for keep_ratio, size in ((False, (6, 6)), (True, (4, 6))):
+    config.update(resize=(6, 6), keep_ratio=keep_ratio)
+    record, native = data.build_source(config, "data.eval")[0], source[0]
+    assert record["image"].shape == (*size, 3) and record["label"].shape == size
+    np.testing.assert_array_equal(record["label"],
+                                  files.resize_array(native["label"], size, Image.NEAREST))
 
 
 # ---- Bad input.

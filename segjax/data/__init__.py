@@ -130,6 +130,7 @@ class TfdsSource:
     self._valid = fmt.valid if fmt else labels.valid_ids(
         (*range(LABEL_SPACES[space].num_classes), 255))
     self._resize = tuple(config.get("resize", ()))
+    self._keep_ratio = config.get("keep_ratio", False)
     self._resize_labels = config.get("resize_labels", True)
     if len(self._source) == 0:
       raise DataError(f"tfds: {config.tfds_name!r} split {config.split!r} is empty.")
@@ -148,12 +149,12 @@ class TfdsSource:
                                  f"values {np.unique(label[bad])[:10].tolist()} outside the "
                                  "label space.")
     label = self._table[label.astype(np.uint8)]
-    if self._resize:
+    size = files.working_size(image.shape[:2], self._resize, self._keep_ratio)
+    if size and image.shape[:2] != size:
       from PIL import Image  # pylint: disable=import-outside-toplevel
-      height, width = self._resize
-      image = np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
-      if self._resize_labels:
-        label = np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
+      image = files.resize_array(image, size, Image.BICUBIC)
+      if self._resize_labels and label.shape != size:
+        label = files.resize_array(label, size, Image.NEAREST)
     return {"image": image, "label": label}
 
 

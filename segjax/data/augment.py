@@ -11,6 +11,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from segjax.data import files
 from segjax.losses import IGNORE_LABEL
 
 # RGB -> YIQ, where a hue shift is a rotation of the (I, Q) plane.
@@ -19,10 +20,6 @@ RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
                         [0.211, -0.523, 0.312]], np.float32)
 YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ).astype(np.float32)
 CROP_TRIES = 11  # mmseg's RandomCrop for cat_max_ratio: the first crop and up to 10 redraws.
-
-
-def _resize(array: np.ndarray, height: int, width: int, resample) -> np.ndarray:
-  return np.asarray(Image.fromarray(array).resize((width, height), resample=resample))
 
 
 def color_jitter(image: np.ndarray, rng: np.random.Generator, *, brightness: float,
@@ -87,11 +84,11 @@ class TrainAugment(grain.transforms.RandomMap):
     height = max(1, round(image.shape[0] * scale))
     width = max(1, round(image.shape[1] * scale))
     if (height, width) != image.shape[:2]:
-      image = _resize(image, height, width, Image.BILINEAR)
+      image = files.resize_array(image, (height, width), Image.BILINEAR)
       if label is not None:
-        label = _resize(label, height, width, Image.NEAREST)
+        label = files.resize_array(label, (height, width), Image.NEAREST)
       if valid is not None:
-        valid = _resize(valid, height, width, Image.NEAREST)
+        valid = files.resize_array(valid, (height, width), Image.NEAREST)
     pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
     if pad_h or pad_w:
       image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))

@@ -165,9 +165,25 @@ def _colors_to_train_ids(path: str, array: np.ndarray, mode: str, fmt: LabelForm
   return out
 
 
-def _resize(array: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
+def resize_array(array: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
+  """`array` (an image or a label) resized to `size` (height, width) with PIL's `resample`."""
   height, width = size
   return np.asarray(Image.fromarray(array).resize((width, height), resample=resample))
+
+
+def working_size(native: tuple[int, int], resize: tuple[int, ...],
+                 keep_ratio: bool) -> tuple[int, ...]:
+  """The (height, width) an image of `native` (height, width) is read at; () for native.
+
+  With `keep_ratio`, `resize` bounds the image as mmseg's `Resize(img_scale,
+  keep_ratio=True)` (`mmcv.rescale_size`): it is scaled by min(long side of
+  `resize` / its long side, short side of `resize` / its short side), each side
+  rounded (GTA5's 1914x1052 in (720, 1280): 1280x704).
+  """
+  if not resize or not keep_ratio:
+    return tuple(resize)
+  scale = min(max(resize) / max(native), min(resize) / min(native))
+  return int(native[0] * scale + 0.5), int(native[1] * scale + 0.5)
 
 
 class _SizeMismatchSkip(SizeMismatch):
@@ -180,10 +196,8 @@ class FileSource:
 
   pairs: (image path, label path or None) per example, in order.
   resize: (height, width) to resize every image to, or () for the native size.
-  keep_ratio: `resize` bounds the image instead, as mmseg's `Resize(img_scale,
-    keep_ratio=True)` (`mmcv.rescale_size`): the image is scaled by
-    min(long side of `resize` / its long side, short side of `resize` / its
-    short side), each side rounded (GTA5's 1914x1052 in (720, 1280): 1280x704).
+  keep_ratio: `resize` bounds the image instead, keeping its aspect ratio
+    (`working_size`, mmseg's `Resize(img_scale, keep_ratio=True)`).
   resize_labels: resize labels with their images (training), or keep them at
     their native resolution (evaluation at full resolution).
   """
@@ -233,10 +247,7 @@ class FileSource:
 
   def working_size(self, native: tuple[int, int]) -> tuple[int, ...]:
     """The (height, width) an image of `native` (height, width) is read at; () for native."""
-    if not self.resize or not self.keep_ratio:
-      return self.resize
-    scale = min(max(self.resize) / max(native), min(self.resize) / min(native))
-    return int(native[0] * scale + 0.5), int(native[1] * scale + 0.5)
+    return working_size(native, self.resize, self.keep_ratio)
 
   def load(self, index: int) -> dict:
     """Example `index`, decoded and resized; DataError on any problem with its files."""
@@ -253,7 +264,7 @@ class FileSource:
             logging.warning("%s: the label %s is %dx%d and its image %dx%d: label resized "
                             "(nearest).", self.name, label_path, *label.shape[::-1],
                             *image.shape[1::-1])
-          label = _resize(label, image.shape[:2], Image.NEAREST)
+          label = resize_array(label, image.shape[:2], Image.NEAREST)
         else:
           error = SizeMismatch(f"The label {label_path} is {label.shape[1]}x{label.shape[0]} "
                                f"but its image {image_path} is "
@@ -262,10 +273,10 @@ class FileSource:
             raise _SizeMismatchSkip(str(error))
           raise error
       if size and self.resize_labels and label.shape != size:
-        label = _resize(label, size, Image.NEAREST)
+        label = resize_array(label, size, Image.NEAREST)
       record["label"] = label
     if size and image.shape[:2] != size:
-      image = _resize(image, size, Image.BICUBIC)
+      image = resize_array(image, size, Image.BICUBIC)
     record["image"] = image
     return record
 

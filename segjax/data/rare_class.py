@@ -19,7 +19,9 @@ state). A class without any image over `min_pixels` cannot be drawn: the
 sampler leaves it out and says so (DAFormer stops on an assertion).
 
 The counts are a JSON record (`compute`, `write`, `read`): the dataset's
-description, class names and one row of counts per image. Computing them
+description, the sizing that made its labels (`resize`, `keep_ratio`,
+`resize_labels`: counts at another size would select other images), class
+names and one row of counts per image. Computing them
 reads every label once (GTA5: 24,966 images); `compute` continues a partial
 record left by an interrupted run instead of starting again.
 """
@@ -45,6 +47,13 @@ def class_pixel_counts(label: np.ndarray, num_classes: int) -> list[int]:
   return np.bincount(label.ravel(), minlength=256)[:num_classes].astype(int).tolist()
 
 
+def sizing(dataset: ml_collections.ConfigDict) -> dict:
+  """The fields of the dataset sub-config `dataset` that decide the size of its labels."""
+  return {"resize": list(dataset.get("resize", ())),
+          "keep_ratio": bool(dataset.get("keep_ratio", False)),
+          "resize_labels": bool(dataset.get("resize_labels", True))}
+
+
 def compute(dataset: ml_collections.ConfigDict, field: str, path: str = "",
             progress: Callable = tqdm.tqdm) -> dict:
   """The counts record of the labelled dataset sub-config `dataset` (`field` names it).
@@ -55,14 +64,20 @@ def compute(dataset: ml_collections.ConfigDict, field: str, path: str = "",
   """
   source = data.build_source(dataset, field)
   info = data.dataset_info(dataset, field)
-  record = dict(field=field, dataset=data.describe(dataset), class_names=list(info.class_names),
-                num_images=len(source), counts=[])
+  record = dict(field=field, dataset=data.describe(dataset), sizing=sizing(dataset),
+                class_names=list(info.class_names), num_images=len(source), counts=[])
   if path and os.path.isfile(path):
     previous = _load(path)
-    if all(previous.get(k) == record[k] for k in ("dataset", "class_names", "num_images")):
+    # Records written before the sizing was kept lack it (a workdir's: its config fixes it).
+    keys = ("dataset", "class_names", "num_images") + (("sizing",) if "sizing" in previous
+                                                       else ())
+    if all(previous.get(k) == record[k] for k in keys):
       record["counts"] = previous["counts"]
       logging.info("Rare-class statistics: continuing %s after %d of %d images.", path,
                    len(record["counts"]), len(source))
+    else:
+      logging.info("Rare-class statistics: %s counts another dataset or size; computing them "
+                   "again.", path)
   for index in progress(range(len(record["counts"]), len(source)), desc="class pixel counts",
                         unit="img"):
     example = source[index]
@@ -98,6 +113,14 @@ def read(path: str, dataset: ml_collections.ConfigDict, field: str) -> dict:
   if record.get("class_names") != names:
     raise errors.ConfigError(f"{path!r} counts the classes {record.get('class_names')}, not "
                              f"{field}'s {names}.")
+  if "sizing" not in record:
+    logging.warning("%r does not record the size its labels were counted at; it must be %s's "
+                    "%s.", path, field, sizing(dataset))
+  elif record["sizing"] != sizing(dataset):
+    raise errors.ConfigError(f"{path!r} counts labels sized {record['sizing']}, not {field}'s "
+                             f"{sizing(dataset)}: a class's pixels, and so the images drawn, "
+                             "depend on the size. Compute the statistics for this config "
+                             "(segjax.tools.rcs_stats).")
   if record.get("num_images") != source_len or len(record["counts"]) != source_len:
     raise errors.ConfigError(f"{path!r} counts {len(record['counts'])} of "
                              f"{record.get('num_images')} images; {field} has {source_len}. "

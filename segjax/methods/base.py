@@ -47,6 +47,11 @@ class Method:
     {state: (config field, 'WORKDIR[:latest|best|STEP]' or '')}."""
     return {}
 
+  def keep_pretrained(self, states: dict) -> dict:
+    """A fresh run's states once the backbone weights are loaded, before any segmenter starts
+    as another run's (`segmenter_sources`): DAFormer copies its frozen ImageNet encoder here."""
+    return states
+
   def load_initial(self, states: dict, mesh) -> dict:
     """A fresh run's states once its segmenters have their starting weights: here the
     method loads files of its own (VFM-UDA++'s frozen DINOv2)."""

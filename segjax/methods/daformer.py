@@ -33,12 +33,14 @@ of 512 rows, and one more term on the source batch:
   from its index in the global batch.
 
 The frozen encoder is the state 'imnet' ({'params': the encoder's}),
-checkpointed with the others; it is set from the student at step 0, after
-the backbone weights are loaded. The segmenter must have a pretrained encoder
-with an `encode` method (the MiT segmenters). DAFormer's other parts are
-elsewhere: rare-class sampling in the input pipeline (`data.rcs`), AdamW with
-warm-up, 10x head learning rate and no decay on norms in `optim.seg`, the MiT
-segmenters in `segjax.models.segformer` (configs/daformer.py sets them all).
+checkpointed with the others; a fresh run copies it from the student once the
+backbone weights are loaded, before config.init_from replaces the student's
+(`keep_pretrained`), so it holds the ImageNet weights either way. The
+segmenter must have a pretrained encoder with an `encode` method (the MiT
+segmenters). DAFormer's other parts are elsewhere: rare-class sampling in the
+input pipeline (`data.rcs`), AdamW with warm-up, 10x head learning rate and no
+decay on norms in `optim.seg`, the MiT segmenters in `segjax.models.segformer`
+(configs/daformer.py sets them all).
 """
 
 import functools
@@ -155,13 +157,14 @@ class DAFormer(self_training.SelfTraining):
       inits["imnet"] = lambda: {"params": seg_init().params[weights.BACKBONE]}
     return inits
 
-  def step(self, states: dict, batch: dict, rng: jax.Array, *, axis_name: str):
-    if self.fd_lambda:  # The frozen encoder starts as the student's, backbone weights loaded.
-      seg = states["seg"]
-      imnet = jax.tree.map(lambda frozen, student: jnp.where(seg.step == 0, student, frozen),
-                           states["imnet"], {"params": seg.params[weights.BACKBONE]})
-      states = dict(states, imnet=imnet)
-    return super().step(states, batch, rng, axis_name=axis_name)
+  def keep_pretrained(self, states: dict) -> dict:
+    """The frozen encoder: the student's once the backbone weights are loaded, before
+    config.init_from (a source-only run's weights, say) replaces the student's."""
+    if not self.fd_lambda:
+      return states
+    # A copy: the step donates its states, and a buffer cannot be donated twice.
+    return dict(states, imnet={"params": jax.tree.map(jnp.copy,
+                                                      states["seg"].params[weights.BACKBONE])})
 
   def source_terms(self, states: dict, src: dict, src_out: dict, axis_name: str):
     """The feature distance of the student's source pass (`loss_fd`)."""
