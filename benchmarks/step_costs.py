@@ -16,8 +16,7 @@ run them, `--recipes` picks some:
       python benchmarks/step_costs.py --memory --bf16 --remat --recipes HRDA "MIC on HRDA"
 
 (XLA:CPU's default scheduler orders for concurrency and runs remat's
-recomputations early, which undoes what remat saves; the flag orders for
-memory, as a GPU's scheduler does.)
+recomputations early, which undoes what remat saves; the flag turns it off.)
 """
 
 import argparse
