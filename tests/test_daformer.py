@@ -111,7 +111,9 @@ def _fd_config(tmp_path, model_name="daformer_mitb0"):
   config.adapt.st_threshold = 0.2
   config.model.name = model_name
   model = models.build_segmenter(config.model, 8)
-  params = model.init(jax.random.key(7), jnp.zeros((1, 64, 64, 3)))["params"][weights.BACKBONE]
+  # Jitted: eager initialisation dispatches op by op, 20 s of the tests that use this.
+  params = jax.jit(model.init)(jax.random.key(7), jnp.zeros((1, 64, 64, 3)))["params"][
+      weights.BACKBONE]
   key = models.segmenter_class(config.model.name).backbone_torch_key
   tensors = {}
   for path, value in traverse_util.flatten_dict(jax.device_get(params)).items():

@@ -259,7 +259,8 @@ def _dinov2_file(path: str, size: str = "vit_s14", registers: int = 4) -> None:
   """A random-init DINOv2 in the official layout (`dinov2_vits14_reg4_pretrain.pth`'s keys)."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   model = vit.VisionTransformer(size, registers)
-  params = jax.device_get(model.init(jax.random.key(3), jnp.zeros((1, 28, 28, 3)))["params"])
+  params = jax.device_get(
+      jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 28, 28, 3)))["params"])
   state = {}
   for path_, value in traverse_util.flatten_dict(params).items():
     value = np.asarray(value)
