@@ -20,8 +20,8 @@ linear decay to 40,000 steps (0.9625 of the lr at step 1,500); EMA teacher
 images weakly jittered (32/255, 0.5, 0.5, 18/360, p 0.9), ClassMix with colour
 jitter 0.2 (p 0.8) and blur; token masking of the strongly augmented target
 images (70% of the tokens, weight 1); rare-class sampling at temperature 0.05
-(images with over 6,000 pixels of the class: 3,000 per 512x1024, scaled to the
-1024 crops; crops redrawn until they hold 6,000) with crops redrawn while one
+(images with over 3,000 pixels of the class at the source's own size, crops
+redrawn until they hold 6,000) with crops redrawn while one
 class covers 75%; bf16 compute. Evaluation of the student on the whole
 2048x1024 image in 1024x1024 windows at stride 512, their softmax averaged
 where they overlap. Published: 77.1 mIoU GTA5 -> Cityscapes (ViT-B), 78.4
@@ -68,8 +68,7 @@ def _vfm_uda_training(config, encoder_lr: float, num_steps: int, warmup_steps: i
   del config.model["dropout_rate"]  # The head has no dropout.
   config.model.input_scale = 1.1
   config.adapt = methods.adapt_config("vfm_uda")
-  # VFM-UDA's crops hold more than min_pixels x (1024^2 / (512 x 1024)) pixels of the class: 6,000,
-  # its images' own threshold at the resolution segjax counts them (min_pixels below).
+  # The published recipe's thresholds are set below (min_pixels, min_crop_ratio).
   config.data.rcs.update(temperature=0.05, min_crop_ratio=1.0)
 
 
@@ -104,7 +103,14 @@ def get_config(arg: str | None = None):
   config.data.augment.saturation = config.data.augment.hue = 0.0
   head_lr = 5e-5 * math.sqrt(config.batch_size)
   _vfm_uda_training(config, encoder_lr=0.1 * head_lr, num_steps=40_000, warmup_steps=1_500)
-  config.data.rcs.min_pixels = 6000  # 3,000 per 512x1024 pixels, scaled to the 1024 crops.
+  # VFM-UDA counts the class pixels at the source's own size (GTA5 1914x1052, SYNTHIA 1280x760),
+  # draws images holding more than 3,000 of the class, then crops holding more than 6,000
+  # (3,000 x 1024^2 / (512 x 1024)). segjax counts at the resized size: the image threshold
+  # scaled by the resize's area, the crop's through min_crop_ratio.
+  native, resized = ((760 * 1280, 1520 * 2560) if source == "synthia"
+                     else (1052 * 1914, 1440 * 2620))
+  config.data.rcs.min_pixels = round(3000 * resized / native)  # GTA5 5,621; SYNTHIA 12,000.
+  config.data.rcs.min_crop_ratio = 6000 / config.data.rcs.min_pixels
   config.inference.window, config.inference.stride = (1024, 1024), (512, 512)
   config.inference.average = "probs"  # VFM-UDA averages the windows' softmax.
   # VFM-UDA's pseudo-label margins: 3% of the rows at the top, 25% at the bottom and 3% of the

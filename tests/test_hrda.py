@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from segjax import models, parallel
-from segjax.models import hrda
+from segjax.models import hrda, layers
 
 
 def test_detail_windows_lie_inside_the_input_on_the_8_pixel_grid():
@@ -123,22 +123,31 @@ def test_the_segmenter_fuses_its_own_two_scales():
     half = jax.image.resize(images, (2, 32, 32, 3), "bilinear", antialias=False)
     context, features = module._predict(half, False)  # pylint: disable=protected-access
     attention = jax.nn.sigmoid(module.scale_attention(features, False))
-    windows = [module._predict(images[:, y:y + 32], False)[0]  # pylint: disable=protected-access
-               for y in (0, 16, 32)]
+    # The three windows in one batch of 6, as HRDA's extract_slide_feat.
+    crops = jnp.concatenate([images[:, y:y + 32] for y in (0, 16, 32)])
+    windows = jnp.split(module._predict(crops, False)[0], 3)  # pylint: disable=protected-access
     return context, attention, windows
 
-  context, attention, windows = jax.jit(functools.partial(model.apply, method=parts))(
-      variables, images)
-  detail = np.zeros((2, 16, 16, 8), np.float32)
-  count = np.zeros((16, 1, 1))
-  for window, y in zip(windows, (0, 4, 8)):
-    detail[:, y:y + 8] += np.asarray(window)
-    count[y:y + 8] += 1
-  detail /= count
-  up = lambda x: jax.image.resize(x, (2, 16, 16, x.shape[-1]), "bilinear")
-  expected = up(attention) * detail + up((1 - attention) * context)
-  np.testing.assert_allclose(out["logits"], jax.image.resize(expected, (2, 64, 64, 8),
-                                                             "bilinear"), rtol=1e-4, atol=1e-5)
+  def expected(variables):
+    (context, attention, windows), _ = jax.jit(functools.partial(
+        model.apply, method=parts, mutable=["batch_stats"]))(variables, images)
+    detail = np.zeros((2, 16, 16, 8), np.float32)
+    count = np.zeros((16, 1, 1))
+    for window, y in zip(windows, (0, 4, 8)):
+      detail[:, y:y + 8] += np.asarray(window)
+      count[y:y + 8] += 1
+    detail /= count
+    up = lambda x: jax.image.resize(x, (2, 16, 16, x.shape[-1]), "bilinear")
+    fused = up(attention) * detail + up((1 - attention) * context)
+    return jax.image.resize(fused, (2, 64, 64, 8), "bilinear")
+
+  np.testing.assert_allclose(out["logits"], expected(variables), rtol=1e-4, atol=1e-5)
+  # DACS's teacher (BatchNorm on batch statistics): the windows are normalised as one batch,
+  # with statistics other than each window's own.
+  with layers.batch_statistics():
+    teacher = jax.jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"])[0])(
+        variables, images)
+    np.testing.assert_allclose(teacher["logits"], expected(variables), rtol=1e-4, atol=1e-5)
 
 
 def test_detail_windows_are_drawn_per_example_from_its_global_index():

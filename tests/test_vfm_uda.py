@@ -208,7 +208,13 @@ def test_the_published_recipe_and_the_built_in_one():
   assert tuple(config.data.source.resize) == (1440, 10_000) and config.data.source.keep_ratio
   assert tuple(config.data.target.resize) == (1024, 2048)
   assert tuple(config.data.augment.scale_range) == (0.9, 1.1)
-  assert (config.data.rcs.temperature, config.data.rcs.min_pixels) == (0.05, 6000)
+  # Images with over 3,000 pixels of the class at GTA5's own 1914x1052 (5,621 at 2620x1440),
+  # crops with over 6,000 (VFM-UDA's rare_class_sampler_dataset.py).
+  rcs = config.data.rcs
+  assert (rcs.temperature, rcs.min_pixels, rcs.min_pixels * rcs.min_crop_ratio) == (
+      0.05, 5621, pytest.approx(6000))
+  rcs = vfm_uda_config.get_config("synthia=/s,cityscapes=/c").data.rcs
+  assert (rcs.min_pixels, rcs.min_pixels * rcs.min_crop_ratio) == (12000, pytest.approx(6000))
   assert (tuple(config.inference.window), tuple(config.inference.stride)) == ((1024, 1024),
                                                                               (512, 512))
   assert config.inference.average == "probs"  # slide_inference_pre_cropped's softmax.

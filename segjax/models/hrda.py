@@ -170,8 +170,11 @@ class HRDASegmenter(segformer.MiTSegmenter):
     else:
       offsets = None
       corners = slide_windows(height, width, self.detail_crop)
-      windows = [self._predict(images[:, y:y + self.detail_crop[0], x:x + self.detail_crop[1]],
-                               False)[0].astype(jnp.float32) for y, x in corners]
+      # One batch of every window, as HRDA's extract_slide_feat: a teacher on batch statistics
+      # (`layers.batch_statistics`) normalises the detail windows together, not each alone.
+      crops = jnp.concatenate([images[:, y:y + self.detail_crop[0], x:x + self.detail_crop[1]]
+                               for y, x in corners])
+      windows = jnp.split(self._predict(crops, False)[0].astype(jnp.float32), len(corners))
       detail = average_windows(windows, [(y // HEAD_STRIDE, x // HEAD_STRIDE)
                                          for y, x in corners],
                                height // HEAD_STRIDE, width // HEAD_STRIDE)
