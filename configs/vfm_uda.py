@@ -40,8 +40,14 @@ to 1440 x U(0.9, 1.1) in one resize); SYNTHIA to 1520x2560 (VFM-UDA has no
 SYNTHIA loader; VFM-UDA++ scales its short side to 1024); the pseudo labels'
 confidence weight is the share over the global batch (VFM-UDA: per GPU, 2
 images with its README's 4 GPUs), so that it is the same on any number of
-devices; the hue jitter rotates the colours in YIQ where torchvision shifts the
-hue in HSV; the head starts from flax's initialisation, not PyTorch's.
+devices; ClassMix takes half of the classes of each source image, ignore
+excluded, where VFM-UDA's `dacs_utils.get_class_masks` (DAFormer's) draws them
+from the classes of the whole per-GPU source batch, so a drawn class may be
+absent from the image; the jitters apply brightness, contrast, saturation and
+hue in that order, contrast about the input image's mean grey, where
+torchvision's ColorJitter draws the order and pivots on the current image; the
+hue jitter rotates the colours in YIQ where torchvision shifts the hue in HSV;
+the head starts from flax's initialisation, not PyTorch's.
 VFM-UDA's README trains on 4 GPUs with 2 images each; the config says batch 8
 on one.
 
