@@ -1,13 +1,15 @@
 """FLOPs per training step of the transformer recipes, as traced for a GPU.
 
-  python benchmarks/step_costs.py            # the published recipes (MiT-B5)
+  python benchmarks/step_costs.py            # the published recipes (MiT-B5, DINOv2 ViT-B/L)
   python benchmarks/step_costs.py --tiny     # the built-in configs, at their crops (CI): the
-                                             # MIC recipes, which hold the others' passes
+                                             # MIC recipes, which hold the others' passes,
+                                             # and VFM-UDA's
 
 For each recipe, `segjax.tools.summary.step_costs` without compiling: XLA's
 cost analysis of the whole training step (2 + 2 images: the student's
 source, mixed and MIC passes with their gradients, the teacher's pass, the
-frozen encoder's), traced for CUDA. With `--memory` the step is compiled (by
+frozen encoder's; VFM-UDA: 1 + 1 images, each device's share of its global
+batch of 8 + 8 over 8 GPUs), traced for CUDA. With `--memory` the step is compiled (by
 this machine's XLA: minutes each for MiT-B5) and XLA's memory analysis of it
 printed too, less the donated states; `--bf16 --remat` as a 24 GB GPU would
 run them, `--recipes` picks some:
@@ -22,14 +24,32 @@ recomputations early, which undoes what remat saves; the flag turns it off.)
 import argparse
 import os
 import sys
+import types
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import daformer, hrda, mic  # pylint: disable=wrong-import-position
+from configs import daformer, hrda, mic, vfm_uda  # pylint: disable=wrong-import-position
 from segjax.tools import summary  # pylint: disable=wrong-import-position
 
-RECIPES = (("DAFormer", daformer, False, 512), ("DAFormer + MIC", daformer, True, 512),
-           ("HRDA", hrda, False, 1024), ("MIC on HRDA", mic, True, 1024))
+
+class Recipe(NamedTuple):
+  """A published recipe: its config at `side` x `side` crops of `batch` images per domain."""
+  name: str
+  module: types.ModuleType
+  mic: bool | None  # None: the config's (VFM-UDA masks tokens).
+  side: int
+  batch: int | None = None  # None: the config's.
+  model: str | None = None  # None: the config's.
+  tiny: bool = False  # In the --tiny run, as the built-in config is.
+
+
+RECIPES = (Recipe("DAFormer", daformer, False, 512),
+           Recipe("DAFormer + MIC", daformer, True, 512, tiny=True),
+           Recipe("HRDA", hrda, False, 1024),
+           Recipe("MIC on HRDA", mic, True, 1024, tiny=True),
+           Recipe("VFM-UDA ViT-B", vfm_uda, None, 1024, batch=1, tiny=True),
+           Recipe("VFM-UDA ViT-L", vfm_uda, None, 1024, batch=1, model="vfm_vit_l14"))
 
 
 def main():
@@ -39,23 +59,30 @@ def main():
                       help="Compile each step and print XLA's memory analysis of it.")
   parser.add_argument("--bf16", action="store_true", help="model.dtype=bfloat16.")
   parser.add_argument("--remat", action="store_true", help="model.remat=True.")
-  parser.add_argument("--recipes", nargs="+", choices=[r[0] for r in RECIPES],
-                      default=[r[0] for r in RECIPES])
+  parser.add_argument("--recipes", nargs="+", choices=[r.name for r in RECIPES],
+                      default=[r.name for r in RECIPES])
   args = parser.parse_args()
-  for name, module, use_mic, size in RECIPES:
-    if name not in args.recipes or (args.tiny and not use_mic):
+  for recipe in RECIPES:
+    if recipe.name not in args.recipes or (args.tiny and not recipe.tiny):
       continue
-    config = module.get_config(None if args.tiny else "gta5=/g,cityscapes=/c")
-    config.adapt.mic = use_mic
-    config.model.backbone_weights = "mit_b5.pth"  # Not read: turns the feature distance on.
+    config = recipe.module.get_config(None if args.tiny else "gta5=/g,cityscapes=/c")
+    if recipe.mic is not None:
+      config.adapt.mic = recipe.mic
+    if recipe.model and not args.tiny:
+      config.model.name = recipe.model
+    if config.model.name.startswith(("daformer_", "hrda_")):
+      # Not read: the name turns DAFormer's ImageNet feature distance on.
+      config.model.backbone_weights = "mit_b5.pth"
     config.model.dtype = "bfloat16" if args.bf16 else config.model.dtype
     config.model.remat = args.remat or config.model.get("remat", False)
-    height, width = tuple(config.data.crop_size) if args.tiny else (size, size)
+    height, width = tuple(config.data.crop_size) if args.tiny else (recipe.side,) * 2
+    if recipe.batch and not args.tiny:
+      config.batch_size = recipe.batch
     record = summary.step_costs(config, height, width, config.batch_size, 19,
                                 with_memory=args.memory)
     memory = f", {record['step_bytes'] / 2**30:.2f} GiB" if args.memory else ""
-    print(f"{name:16s} {config.model.name:15s} {config.model.dtype} remat={config.model.remat} "
-          f"{config.batch_size} + {config.batch_size} images of {height}x{width}: "
+    print(f"{recipe.name:16s} {config.model.name:15s} {config.model.dtype} "
+          f"remat={config.model.remat} {config.batch_size} + {config.batch_size} images of {height}x{width}: "
           f"{record['step_flops'] / 1e9:,.0f} GFLOPs{memory}", flush=True)
 
 

@@ -30,8 +30,9 @@ where they overlap. Published: 77.1 mIoU GTA5 -> Cityscapes (ViT-B), 78.4
 Differences from the published recipe: the learning rate is written for a
 global batch of 8: with another --config.batch_size B, set
 --config.optim.seg.lr to 5e-6 x sqrt(B) (the encoder's; the head's is 10x);
-bf16 where VFM-UDA uses fp16 mixed precision; the position embeddings'
-resampling (`segjax.models.vfm`); the rare-class statistics as
+bf16 (the residual streams float32, as autocast keeps them) where VFM-UDA
+uses fp16 mixed precision; the position embeddings' resampling
+(`segjax.models.vfm`); the rare-class statistics as
 configs/daformer.py says, and the crop retries as mmseg's (up to 11 crops until
 no class covers 75%, redrawn up to 11 times until the class covers its pixels)
 where VFM-UDA tries 20 crops that must pass both tests, then takes any; GTA5 is

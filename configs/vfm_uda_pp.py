@@ -36,9 +36,10 @@ python -c "import torch; torch.save(torch.load('IN.ckpt', weights_only=False)['s
 
 Differences from the published code: the learning rate is written for a global
 batch of 8 (VFM-UDA++'s README: 4 GPUs x 2): with another --config.batch_size
-B, scale --config.optim.seg.lr by sqrt(B / 8); bf16 where it uses fp16 mixed
-precision; the jitters apply brightness, contrast, saturation and hue in that
-order (torchvision draws an order); the blur's kernel spans 3 sigma
+B, scale --config.optim.seg.lr by sqrt(B / 8); bf16 (the residual streams
+float32, as autocast keeps them) where it uses fp16 mixed precision; the
+jitters apply brightness, contrast, saturation and hue in that order
+(torchvision draws an order); the blur's kernel spans 3 sigma
 (torchvision's a tenth of the image); the position embeddings' resampling (both
 encoders: to the grid's size); the rare-class statistics as configs/daformer.py
 says; the distillation head starts from segjax's initialisation, not PyTorch's,

@@ -212,3 +212,22 @@ def test_remat_and_drop_path_keep_the_computation():
                           rngs={"dropout": jax.random.key(3)})["tokens"]
   inferred = encoder.apply({"params": params}, images)["tokens"]
   assert not np.allclose(trained, inferred)
+
+
+def test_bfloat16_blocks_keep_a_float32_residual_stream():
+  """As autocast in VFM-UDA's fp16-mixed training: the branches compute in bfloat16 and add to a
+  float32 stream, so a branch scaled by LayerScale's initial 1e-5 still moves the tokens."""
+  images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 44, 60, 3)), jnp.float32)
+  encoder32 = vit.VisionTransformer("vit_s14", depth=2)
+  encoder16 = vit.VisionTransformer("vit_s14", depth=2, dtype=jnp.bfloat16)
+  variables = encoder32.init(jax.random.key(0), images)
+  embed = lambda model: model.apply(variables, images, method=lambda m, x: m.embed(x)[0])
+  out32, out16 = encoder32.apply(variables, images), encoder16.apply(variables, images)
+  assert all(x.dtype == jnp.float32 for x in [embed(encoder16), *out16["layers"]])
+  assert out16["tokens"].dtype == jnp.bfloat16  # The final LayerNorm's output: compute dtype.
+  # What the blocks added to the embedded tokens (each about 1e-5 of them) survives in bfloat16.
+  added32 = out32["layers"][-1] - embed(encoder32)
+  added16 = out16["layers"][-1] - embed(encoder16)
+  assert float(jnp.max(jnp.abs(added32))) > 0
+  error = float(jnp.max(jnp.abs(added16 - added32)) / jnp.max(jnp.abs(added32)))
+  assert error < 0.05, error

@@ -188,7 +188,7 @@ class Injector(nn.Module):
                                      _norm("feat_norm", self.dtype, self.param_dtype)(feat),
                                      shapes)
     gamma = self.param("gamma", nn.initializers.zeros, (d,), self.param_dtype)
-    return query + gamma.astype(attn.dtype) * attn
+    return query + gamma * attn  # In the stream's float32, as autocast's.
 
 
 class Extractor(nn.Module):
@@ -413,7 +413,8 @@ class Adapter(nn.Module):
         raise ValueError(f"The adapter's level {i + 2} is {level.shape[1:3]} for a "
                          f"{height}x{width} input, not {levels[i]}: sides must be multiples "
                          "of 32.")
-    c = jnp.concatenate([level.reshape(n, -1, d) + level_embed[i].astype(level.dtype)
+    # The adapter's tokens, as the ViT's, are a float32 stream (autocast's).
+    c = jnp.concatenate([level.reshape(n, -1, d) + level_embed[i]
                          for i, level in enumerate(cs)], axis=1)
     tokens, grid = backbone.embed(x, registers=False)
     cls, patches = tokens[:, :1], tokens[:, 1:]
@@ -437,7 +438,7 @@ class Adapter(nn.Module):
     c1 = _conv_transpose(d, "up", **kw)(c2) + c1
     features = []
     for i, level in enumerate((c1, c2, c3, c4)):
-      level = level + layers.resize_bilinear(outs[i], *level.shape[1:3]).astype(level.dtype)
+      level = level + layers.resize_bilinear(outs[i], *level.shape[1:3])
       features.append(layers.norm("batch", train, self.bn_axis_name, name=f"norm{i + 1}",
                                   momentum=BN_MOMENTUM, **kw)(level))
     return features

@@ -20,6 +20,13 @@ the same outputs (tests/test_vit.py). facebookresearch/dinov2's own code
 resamples by the scale factor (grid + 0.1) / 37 instead of to the grid's size,
 which moves the embeddings by a fraction of a pixel.
 
+With `dtype=bfloat16` the blocks compute in bfloat16 and the residual stream
+stays in the parameters' float32, as PyTorch's autocast keeps it in VFM-UDA's
+fp16-mixed training: the position embeddings are added in float32, each
+branch's LayerScale multiplies in float32, and the sums are float32. A
+bfloat16 stream would round each branch's contribution to 8 bits of the
+stream's magnitude, and LayerScale's initial 1e-5 would add nothing at all.
+
 Submodules carry the official names (`patch_embed.proj`, `blocks.0.attn.qkv`,
 `blocks.0.ls1.gamma`, `norm`) with '.' written '_'; `torch_key` maps a
 variable to the key of a `dinov2_vit*14*_pretrain.pth` file;
@@ -109,10 +116,13 @@ class Attention(nn.Module):
 
 
 class LayerScale(nn.Module):
+  param_dtype: jnp.dtype = jnp.float32
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    gamma = self.param("gamma", nn.initializers.constant(LAYERSCALE_INIT), (x.shape[-1],))
-    return x * gamma.astype(x.dtype)
+    gamma = self.param("gamma", nn.initializers.constant(LAYERSCALE_INIT), (x.shape[-1],),
+                       self.param_dtype)
+    return x * gamma  # A bfloat16 branch times float32 gamma: float32, as autocast's.
 
 
 class Block(nn.Module):
@@ -127,11 +137,11 @@ class Block(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=EPS, name=name, **kw)
     drop = layers.DropPath(self.drop_path, deterministic=not train)
     y = Attention(self.heads, name="attn", **kw)(norm("norm1")(x))
-    x = x + drop(LayerScale(name="ls1")(y))
+    x = x + drop(LayerScale(self.param_dtype, name="ls1")(y))
     y = nn.Dense(MLP_RATIO * x.shape[-1], name="mlp_fc1", kernel_init=_dense_init, **kw)(
         norm("norm2")(x))
     y = nn.Dense(x.shape[-1], name="mlp_fc2", kernel_init=_dense_init, **kw)(layers.gelu(y))
-    return x + drop(LayerScale(name="ls2")(y))
+    return x + drop(LayerScale(self.param_dtype, name="ls2")(y))
 
 
 class VisionTransformer(nn.Module):
@@ -199,19 +209,19 @@ class VisionTransformer(nn.Module):
     if min(grid) < 1:
       raise ValueError(f"Images of {height}x{image_width} are smaller than one {PATCH}x{PATCH} "
                        "patch.")
+    # The residual stream is in the parameters' dtype (see the module docstring).
     patches = self.patch_embed_proj(x.astype(self.dtype))
     patches = patches.reshape(n, grid[0] * grid[1], width)
     if mask is not None:
       patches = jnp.where(mask[..., None], self.mask_token.astype(patches.dtype), patches)
+    patches = patches.astype(self.param_dtype)
     table = jnp.concatenate([self.pos_embed[0, :1], resample_positions(
         self.pos_embed[0, 1:], grid, self.pos_antialias)])
-    tokens = jnp.concatenate([jnp.broadcast_to(self.cls_token.astype(patches.dtype),
-                                               (n, 1, width)), patches], axis=1)
-    tokens = tokens + table.astype(patches.dtype)
+    tokens = jnp.concatenate([jnp.broadcast_to(self.cls_token, (n, 1, width)), patches], axis=1)
+    tokens = tokens + table
     if self.registers and registers:
       tokens = jnp.concatenate([tokens[:, :1], jnp.broadcast_to(
-          self.register_tokens.astype(tokens.dtype), (n, self.registers, width)),
-                                tokens[:, 1:]], axis=1)
+          self.register_tokens, (n, self.registers, width)), tokens[:, 1:]], axis=1)
     return tokens, grid
 
   def patch_maps(self, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
