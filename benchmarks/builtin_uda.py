@@ -119,12 +119,12 @@ def table(results: dict, seeds: list[int]) -> str:
     acc = 100 * np.array([r["metrics"]["eval/pixel_acc"] for r in runs])
     per_class = [100 * np.mean([r["metrics"][f"eval/iou/{c}"] for r in runs]) for c in names]
     # The fastest seed: the least disturbed by anything else running on the machine.
-    # A resumed run timed only its rest, so it counts only when no seed ran whole.
+    # A resumed run timed only its rest: with no seed run whole there is no wall time to give.
     whole = [r for r in runs if not r["resumed"]]
-    wall = min(r["wall_seconds"] for r in whole or runs) / 60
     spread = (f"{miou.mean():.1f} ± {miou.std(ddof=1):.1f} ({', '.join(f'{m:.1f}' for m in miou)})"
               if len(runs) > 1 else f"{miou[0]:.1f}")
-    wall_text = f"{wall:.1f} min" + ("" if whole else " (resumed)")
+    wall_text = (f"{min(r['wall_seconds'] for r in whole) / 60:.1f} min" if whole
+                 else "none (every seed resumed)")
     lines.append(f"| {name} | {spread} | {acc.mean():.1f} | "
                  + " | ".join(f"{v:.1f}" for v in per_class) + f" | {wall_text} |")
   lines.append(f"\nSeeds {seeds}; ± is the sample standard deviation over seeds; per-class IoU "

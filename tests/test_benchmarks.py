@@ -7,6 +7,7 @@ the most code of its own; its supervised and inference steps run with the
 slow tests (benchmarks/slow_tests.py).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -54,6 +55,22 @@ def test_builtin_uda_runs_a_tiny_config(cache_dir, tmp_path):
   with open(workdir / "config.json", encoding="utf-8") as f:
     assert json.load(f)["num_train_steps"] == 2  # The tiny run's.
   assert "\n| source_only | " in proc.stdout
+
+
+def test_builtin_uda_tables_wall_time_only_from_whole_runs():
+  spec = importlib.util.spec_from_file_location(
+      "builtin_uda", os.path.join(e2e.REPO_ROOT, "benchmarks", "builtin_uda.py"))
+  builtin_uda = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(builtin_uda)
+  record = lambda miou, seconds, resumed: {
+      "metrics": {"eval/miou": miou, "eval/pixel_acc": 0.5, "eval/iou/road": miou},
+      "wall_seconds": seconds, "resumed": resumed}
+  rows = builtin_uda.table({
+      "a": [record(0.2, 600, False), record(0.3, 60, True), record(0.4, 540, False)],
+      "b": [record(0.2, 60, True), record(0.4, 30, True)]}, [0, 1, 2]).splitlines()
+  # The fastest whole run; a resumed run timed only its rest, so none when every seed resumed.
+  assert rows[2] == "| a | 30.0 ± 10.0 (20.0, 30.0, 40.0) | 50.0 | 30.0 | 9.0 min |"
+  assert rows[3] == "| b | 30.0 ± 14.1 (20.0, 40.0) | 50.0 | 30.0 | none (every seed resumed) |"
 
 
 def test_conv_formulations_runs_at_its_tiny_size(cache_dir, tmp_path):
