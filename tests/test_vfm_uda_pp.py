@@ -320,12 +320,12 @@ def test_the_published_recipe_and_the_built_in_one():
 def test_bfloat16_keeps_the_vits_and_the_adapters_token_streams_in_float32():
   """As autocast in VFM-UDA++'s fp16-mixed training: the injectors, the ViT's blocks and the
   extractors compute in bfloat16 and add to float32 token streams."""
-  images = jax.random.uniform(jax.random.key(0), (1, 64, 128, 3))
-  variables = jax.jit(_model(input_scale=3.5).init)(jax.random.key(1), images)
+  images = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3))  # 224x224 in the encoder.
+  variables = jax.jit(_model(input_scale=7.0).init)(jax.random.key(1), images)
   streams = (vit_adapter.Injector, vit_adapter.Extractor, vit.Block)
-  _, state = _model(input_scale=3.5, dtype=jnp.bfloat16).apply(
-      variables, images, capture_intermediates=lambda module, _: isinstance(module, streams),
-      mutable=["intermediates"])
+  _, state = jax.jit(lambda v, x: _model(input_scale=7.0, dtype=jnp.bfloat16).apply(
+      v, x, capture_intermediates=lambda module, _: isinstance(module, streams),
+      mutable=["intermediates"]))(variables, images)
   outputs = jax.tree.leaves(state["intermediates"])
   # An injector, a block (depth 4) and an extractor per interaction; the last has 2 more
   # extractors.
