@@ -9,7 +9,8 @@ For each recipe, `segjax.tools.summary.step_costs` without compiling: XLA's
 cost analysis of the whole training step (2 + 2 images: the student's
 source, mixed and MIC passes with their gradients, the teacher's pass, the
 frozen encoder's; VFM-UDA: 1 + 1 images, each device's share of its global
-batch of 8 + 8 over 8 GPUs), traced for CUDA. With `--memory` the step is compiled (by
+batch of 8 + 8 spread over 8 GPUs, half of what each of the 4 GPUs of
+VFM-UDA's README holds), traced for CUDA. With `--memory` the step is compiled (by
 this machine's XLA: minutes each for MiT-B5) and XLA's memory analysis of it
 printed too, less the donated states; `--bf16 --remat` as a 24 GB GPU would
 run them, `--recipes` picks some:

@@ -214,15 +214,19 @@ def test_remat_and_drop_path_keep_the_computation():
   assert not np.allclose(trained, inferred)
 
 
-def test_bfloat16_blocks_keep_a_float32_residual_stream():
+@pytest.mark.parametrize("registers, masked", [(0, False), (4, True)])
+def test_bfloat16_blocks_keep_a_float32_residual_stream(registers, masked):
   """As autocast in VFM-UDA's fp16-mixed training: the branches compute in bfloat16 and add to a
   float32 stream, so a branch scaled by LayerScale's initial 1e-5 still moves the tokens."""
   images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 44, 60, 3)), jnp.float32)
-  encoder32 = vit.VisionTransformer("vit_s14", depth=2)
-  encoder16 = vit.VisionTransformer("vit_s14", depth=2, dtype=jnp.bfloat16)
+  mask = jax.random.bernoulli(jax.random.key(5), 0.5, (2, 3 * 4)) if masked else None
+  encoder32 = vit.VisionTransformer("vit_s14", registers=registers, depth=2)
+  encoder16 = vit.VisionTransformer("vit_s14", registers=registers, depth=2, dtype=jnp.bfloat16)
   variables = encoder32.init(jax.random.key(0), images)
-  embed = lambda model: model.apply(variables, images, method=lambda m, x: m.embed(x)[0])
-  out32, out16 = encoder32.apply(variables, images), encoder16.apply(variables, images)
+  embed = lambda model: model.apply(variables, images, mask,
+                                    method=lambda m, x, k: m.embed(x, k)[0])
+  out32 = encoder32.apply(variables, images, mask=mask)
+  out16 = encoder16.apply(variables, images, mask=mask)
   assert all(x.dtype == jnp.float32 for x in [embed(encoder16), *out16["layers"]])
   assert out16["tokens"].dtype == jnp.bfloat16  # The final LayerNorm's output: compute dtype.
   # What the blocks added to the embedded tokens (each about 1e-5 of them) survives in bfloat16.

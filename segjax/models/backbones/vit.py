@@ -209,12 +209,12 @@ class VisionTransformer(nn.Module):
     if min(grid) < 1:
       raise ValueError(f"Images of {height}x{image_width} are smaller than one {PATCH}x{PATCH} "
                        "patch.")
-    # The residual stream is in the parameters' dtype (see the module docstring).
+    # The residual stream: float32 under bfloat16 compute (see the module docstring).
     patches = self.patch_embed_proj(x.astype(self.dtype))
     patches = patches.reshape(n, grid[0] * grid[1], width)
     if mask is not None:
       patches = jnp.where(mask[..., None], self.mask_token.astype(patches.dtype), patches)
-    patches = patches.astype(self.param_dtype)
+    patches = patches.astype(jnp.promote_types(self.dtype, self.param_dtype))
     table = jnp.concatenate([self.pos_embed[0, :1], resample_positions(
         self.pos_embed[0, 1:], grid, self.pos_antialias)])
     tokens = jnp.concatenate([jnp.broadcast_to(self.cls_token, (n, 1, width)), patches], axis=1)
