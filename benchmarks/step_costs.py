@@ -84,8 +84,7 @@ def main():
     memory = f", {record['step_bytes'] / 2**30:.2f} GiB" if args.memory else ""
     print(f"{recipe.name:16s} {config.model.name:15s} {config.model.dtype} "
           f"remat={config.model.remat} {config.batch_size} + {config.batch_size} images of "
-          f"{height}x{width}: "
-          f"{record['step_flops'] / 1e9:,.0f} GFLOPs{memory}", flush=True)
+          f"{height}x{width}: {record['step_flops'] / 1e9:,.0f} GFLOPs{memory}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ the most code of its own; its supervised and inference steps run with the
 slow tests (benchmarks/slow_tests.py).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -58,10 +57,7 @@ def test_builtin_uda_runs_a_tiny_config(cache_dir, tmp_path):
 
 
 def test_builtin_uda_tables_wall_time_only_from_whole_runs():
-  spec = importlib.util.spec_from_file_location(
-      "builtin_uda", os.path.join(e2e.REPO_ROOT, "benchmarks", "builtin_uda.py"))
-  builtin_uda = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(builtin_uda)
+  from benchmarks import builtin_uda  # pylint: disable=import-outside-toplevel
   record = lambda miou, seconds, resumed: {
       "metrics": {"eval/miou": miou, "eval/pixel_acc": 0.5, "eval/iou/road": miou},
       "wall_seconds": seconds, "resumed": resumed}
