@@ -123,6 +123,8 @@ def table(results: dict, seeds: list[int]) -> str:
     whole = [r for r in runs if not r["resumed"]]
     spread = (f"{miou.mean():.1f} ± {miou.std(ddof=1):.1f} ({', '.join(f'{m:.1f}' for m in miou)})"
               if len(runs) > 1 else f"{miou[0]:.1f}")
+    if len(runs) < len(seeds):  # A benchmark still running, or stopped: say how far it got.
+      spread += f", {len(runs)} of {len(seeds)} seeds"
     wall_text = (f"{min(r['wall_seconds'] for r in whole) / 60:.1f} min" if whole
                  else "none (every seed resumed)")
     lines.append(f"| {name} | {spread} | {acc.mean():.1f} | "

@@ -56,17 +56,21 @@ def test_builtin_uda_runs_a_tiny_config(cache_dir, tmp_path):
   assert "\n| source_only | " in proc.stdout
 
 
-def test_builtin_uda_tables_wall_time_only_from_whole_runs():
+def test_builtin_uda_tables_wall_time_only_from_whole_runs_and_count_seeds():
   from benchmarks import builtin_uda  # pylint: disable=import-outside-toplevel
   record = lambda miou, seconds, resumed: {
       "metrics": {"eval/miou": miou, "eval/pixel_acc": 0.5, "eval/iou/road": miou},
       "wall_seconds": seconds, "resumed": resumed}
   rows = builtin_uda.table({
       "a": [record(0.2, 600, False), record(0.3, 60, True), record(0.4, 540, False)],
-      "b": [record(0.2, 60, True), record(0.4, 30, True)]}, [0, 1, 2]).splitlines()
+      "b": [record(0.2, 60, True), record(0.4, 30, True)],
+      "c": [record(0.25, 120, False)]}, [0, 1, 2]).splitlines()
   # The fastest whole run; a resumed run timed only its rest, so none when every seed resumed.
   assert rows[2] == "| a | 30.0 ± 10.0 (20.0, 30.0, 40.0) | 50.0 | 30.0 | 9.0 min |"
-  assert rows[3] == "| b | 30.0 ± 14.1 (20.0, 40.0) | 50.0 | 30.0 | none (every seed resumed) |"
+  # A config with fewer seeds finished than asked for says so.
+  assert rows[3] == ("| b | 30.0 ± 14.1 (20.0, 40.0), 2 of 3 seeds | 50.0 | 30.0 | "
+                     "none (every seed resumed) |")
+  assert rows[4] == "| c | 25.0, 1 of 3 seeds | 50.0 | 25.0 | 2.0 min |"
 
 
 def test_conv_formulations_runs_at_its_tiny_size(cache_dir, tmp_path):
