@@ -22,7 +22,7 @@ run them, `--recipes` picks some:
 recomputations early, which undoes what remat saves; the flag turns it off.)
 
 (XLA:CPU's compile of HRDA's MiT-B5 steps outgrows 24 GiB; `--model hrda_mitb2` compiles
-the same step on MiT-B2, MiT-B5's widths with 16 of its 52 blocks, in under 4 GiB.)
+the same step on MiT-B2, MiT-B5's widths with 16 of its 52 blocks, in under 6 GiB.)
 """
 
 import argparse
