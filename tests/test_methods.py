@@ -186,7 +186,11 @@ def test_method_step_on_8_devices_equals_1_device(variant):
     assert set(metrics8) == set(metrics1)
     for key in metrics8:
       np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-6, err_msg=key)
-    uda_testing.assert_states_close(uda_testing.arrays(states8), uda_testing.arrays(states1))
+    # 2% of a norm: such a flip moved AdvEnt's momentum of a BatchNorm scale in CompactSeg's
+    # ResidualBlock_1 by 1.34% (another AMD EPYC, 2026-12-05), over the 1% that other machines
+    # kept under; an error of the parallel step moves these arrays by tens of percent.
+    uda_testing.assert_states_close(uda_testing.arrays(states8), uda_testing.arrays(states1),
+                                    rtol=2e-2)
     assert all(np.isfinite(v) for v in metrics8.values())
 
   (states8, metrics8), _ = uda_testing.device_counts_agree(step8, mesh8, batch8, initial, run1,
