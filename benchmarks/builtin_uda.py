@@ -75,7 +75,7 @@ def run(name: str, seed: int, out: str, extra: list[str]) -> dict:
   else:
     start = time.monotonic()
     # An interrupted run resumes from its checkpoints: its wall time is only the rest.
-    resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    resumed = has_checkpoint(workdir)
     stage = []
     if name in ("pseudo_label", "mpl"):  # Stages after the adversarial run, as in the seed.
       run("adapt", seed, out, extra)
@@ -93,6 +93,13 @@ def run(name: str, seed: int, out: str, extra: list[str]) -> dict:
   with open(final, encoding="utf-8") as f:
     return {"metrics": json.load(f), "wall_seconds": timing["seconds"],
             "resumed": timing.get("resumed", False)}
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether a run in `workdir` would resume: a step's checkpoint, not only the folder (which
+  a run stopped before its first checkpoint leaves empty)."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(checkpoints) and any(entry.isdigit() for entry in os.listdir(checkpoints))
 
 
 def finished(names, seeds: list[int], out: str) -> dict:

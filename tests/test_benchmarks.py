@@ -121,3 +121,13 @@ def test_train_steps_runs_at_its_tiny_size(cache_dir, tmp_path):
   assert row["ms_per_step"] > 0 and row["xla_gib"] > 0 and row["gflops"] > 0
   assert row["compile_s"] > 0 and row["peak_gib"] is None  # The CPU keeps no allocator stats.
   assert "| bisenet_adaptsegnet | bisenet_r18 | float32 |" in proc.stdout
+
+
+def test_builtin_uda_counts_a_run_resumed_only_if_a_step_was_saved(tmp_path):
+  from benchmarks import builtin_uda  # pylint: disable=import-outside-toplevel
+  assert not builtin_uda.has_checkpoint(str(tmp_path))
+  # A run stopped before its first checkpoint leaves the folder empty: the next one starts over.
+  (tmp_path / "checkpoints").mkdir()
+  assert not builtin_uda.has_checkpoint(str(tmp_path))
+  (tmp_path / "checkpoints" / "250").mkdir()
+  assert builtin_uda.has_checkpoint(str(tmp_path))
