@@ -70,6 +70,7 @@ def daformer_training(config, lr: float, num_steps: int, warmup_steps: int) -> N
   config.model.drop_path_rate = 0.1
   config.model.dropout_rate = 0.1
   config.model.remat = False  # True: recompute each transformer block in the backward pass.
+  config.model.scan_blocks = False  # True: each stage's blocks as one loop, compiled once.
   config.loss.aux_weights = ()
   config.loss.avg_non_ignore = False  # mmseg 0.16's source CE: the mean over every pixel.
   config.adapt = methods.adapt_config("daformer")

@@ -15,6 +15,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -325,3 +326,71 @@ def test_remat_gives_the_same_gradients_and_parameters():
       mit.MixVisionTransformer("mit_b0", remat=remat).init, jax.random.key(0),
       jnp.zeros((1, 64, 64, 3))))
   assert shapes(True) == shapes(False)
+
+
+def _stacked(unrolled: dict, scanned: dict) -> dict:
+  """The unrolled encoder's params in the scanned layout: block{s}_{i} stacked as block{s}."""
+  return {name: (jax.tree.map(lambda *blocks: jnp.stack(blocks),
+                              *[unrolled[f"{name}_{i}"] for i in range(jax.tree.leaves(
+                                  value)[0].shape[0])])
+                 if re.fullmatch(r"block\d", name) else unrolled[name])
+          for name, value in scanned.items()}
+
+
+def test_scanned_stages_load_the_same_weights_and_give_the_unrolled_blocks_outputs(tmp_path):
+  """model.scan_blocks: a MiT file loads into the stacked layout (block i of a stage at index
+  i), and the scanned encoder's stages and gradients are the unrolled one's."""
+  needs.package("torch", "the MiT file is written from a PyTorch SegFormer")
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "mit_b0.safetensors")
+  save_file(_official_state_dict(_hub_state(_hf_model("mit_b0"), tmp_path / "hub")), path)
+  encoder, unrolled, report = _load_encoder("mit_b0", path)
+  scanned_encoder = mit.MixVisionTransformer("mit_b0", scan=True)
+  init = scanned_encoder.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))["params"]
+  assert set(init) >= {"block1", "block4"} and "block1_0" not in init
+  loaded, scanned_report = weights.load_backbone({"params": {"backbone": init}}, path,
+                                                 segformer.MiTSegmenter.backbone_torch_key)
+  scanned = loaded["params"]["backbone"]
+  assert sorted(scanned_report.loaded) == sorted(report.loaded)
+  assert "block3.1.attn.kv.weight" in scanned_report.loaded
+  jax.tree.map(np.testing.assert_array_equal, scanned, _stacked(unrolled, init))
+
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 45, 61, 3)), jnp.float32)
+  ours = scanned_encoder.apply({"params": scanned}, images)
+  theirs = encoder.apply({"params": unrolled}, images)
+  for o, t in zip(ours, theirs):
+    np.testing.assert_allclose(np.asarray(o), np.asarray(t), rtol=1e-5, atol=1e-5)
+  loss = lambda model: lambda p: sum(jnp.mean(s ** 2) for s in model.apply({"params": p}, images))
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7),
+               jax.grad(loss(scanned_encoder))(scanned),
+               _stacked(jax.grad(loss(encoder))(unrolled), init))
+
+
+def test_scanned_stages_drop_paths_alike_on_any_device_count_with_remat():
+  """Training mode, stochastic depth on (0.5, to see it), scanned and recomputed: 8 devices'
+  shards give 1 device's stages, and the drops change them."""
+  encoder = mit.MixVisionTransformer("mit_b0", 0.5, remat=True, scan=True)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
+  params = encoder.init(jax.random.key(0), x[:1])["params"]
+
+  def apply(x):
+    return encoder.apply({"params": params}, x, True, rngs={"dropout": jax.random.key(5)})
+
+  def run(n):
+    mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+    return [np.asarray(s) for s in parallel.data_parallel(
+        apply, mesh, in_specs=(P("data"),), out_specs=P("data"))(x)]
+
+  on8, on1 = run(8), run(1)
+  for a, b in zip(on8, on1):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  plain = encoder.apply({"params": params}, x)
+  assert not np.allclose(on1[-1], np.asarray(plain[-1]), atol=1e-3)  # Something was dropped.
+
+
+def test_a_mit_segmenter_reads_scan_blocks_from_its_config():
+  config = ml_collections.ConfigDict({"name": "daformer_mitb0", "scan_blocks": True,
+                                      "dtype": "float32", "param_dtype": "float32"})
+  model = models.build_segmenter(config, num_classes=4)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert shapes["params"]["backbone"]["block2"]["attn"]["q"]["kernel"].shape == (2, 64, 64)

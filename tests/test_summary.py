@@ -65,3 +65,16 @@ def test_step_costs_count_the_whole_step_and_accumulation_saves_its_activations(
   assert micro["step_flops"] == whole["step_flops"]
   assert micro["step_bytes"] < 0.6 * whole["step_bytes"], (micro, whole)
   assert "optim.accumulate_steps 4" in summary.format_step(micro, 64, 128, 8, config)
+
+
+def test_step_costs_count_every_block_of_a_scanned_stage():
+  """model.scan_blocks: cost analysis counts a loop's body once, so the FLOPs come from the
+  unrolled step, the same math; the scanned layout is what is compiled for the memory."""
+  from configs import daformer  # pylint: disable=import-outside-toplevel
+  config = daformer.get_config()
+  config.model.name = "daformer_mitb1"  # Two blocks a stage: a loop of two counted once differs.
+  unrolled = summary.step_costs(config, 64, 64, batch=1, num_classes=8, with_memory=False)
+  config.model.scan_blocks = True
+  scanned = summary.step_costs(config, 64, 64, batch=1, num_classes=8, with_memory=False)
+  assert scanned["step_flops"] == unrolled["step_flops"] > 0
+  assert config.model.scan_blocks  # The caller's config is left as it was.

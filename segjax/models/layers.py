@@ -160,17 +160,20 @@ class DropPath(nn.Module):
   Each example keeps the branch with probability 1 - rate, drawn from its own
   key (`global_batch.example_keys`) as `Dropout` draws its masks, and a kept
   branch is scaled by 1 / (1 - rate). Needs a 'dropout' rng unless
-  deterministic.
+  deterministic. A `rate` passed to the call replaces the field's: a scanned
+  stage passes each block's rate as a traced scalar.
   """
   rate: float
   deterministic: bool | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool | None = None,
+               rate: float | jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    if deterministic or self.rate == 0.0:
+    rate = self.rate if rate is None else rate
+    if deterministic or (isinstance(rate, float) and rate == 0.0):
       return x
-    keep_prob = 1.0 - self.rate
+    keep_prob = 1.0 - rate
     keys = global_batch.example_keys(self.make_rng("dropout"), x.shape[0])
     keep = jax.vmap(lambda key: jax.random.bernoulli(key, keep_prob))(keys)
     scale = jnp.where(keep, 1.0 / keep_prob, 0.0).astype(x.dtype)

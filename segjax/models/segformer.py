@@ -131,6 +131,7 @@ class MiTSegmenter(nn.Module):
   dropout_rate: float = 0.1
   drop_path_rate: float = 0.1
   remat: bool = False
+  scan_blocks: bool = False
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -146,13 +147,14 @@ class MiTSegmenter(nn.Module):
                   bn_axis_name: str | None = None) -> Self:
     return cls(num_classes=num_classes, dropout_rate=config.get("dropout_rate", 0.1),
                drop_path_rate=config.get("drop_path_rate", 0.1),
-               remat=config.get("remat", False), bn_axis_name=bn_axis_name,
+               remat=config.get("remat", False), scan_blocks=config.get("scan_blocks", False),
+               bn_axis_name=bn_axis_name,
                dtype=layers.dtype_of(config.dtype),
                param_dtype=layers.dtype_of(config.param_dtype))
 
   def setup(self):
     self.backbone = mit.MixVisionTransformer(self.size, self.drop_path_rate, self.remat,
-                                             self.dtype, self.param_dtype)
+                                             self.dtype, self.param_dtype, self.scan_blocks)
     common = dict(dropout_rate=self.dropout_rate, bn_axis_name=self.bn_axis_name,
                   dtype=self.dtype, param_dtype=self.param_dtype)
     if self.head == "segformer":

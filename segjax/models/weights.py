@@ -52,6 +52,9 @@ import numpy as np
 from flax import traverse_util
 
 BACKBONE = "backbone"  # The submodule name every segmenter gives its pretrained trunk.
+# In a key a key function gives: the variable stacks one tensor per layer on its leading axis (a
+# scanned stage's blocks), the file one key per layer with the layer's number in its place.
+LAYER = "{layer}"
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 TORCHVISION = "torchvision"
@@ -308,14 +311,20 @@ def load_backbone(variables: dict, path: str, torch_key: Callable[[tuple[str, ..
         continue
       found_prefix = True
       key = file_key(key_map(var_path[1:]))
-      if key not in tensors:
+      stacked = LAYER in key
+      keys = [key.replace(LAYER, str(i)) for i in range(value.shape[0])] if stacked else [key]
+      absent = [key for key in keys if key not in tensors]
+      for key in absent:
         if key_map.optional is not None and key_map.optional(key):
           skipped.append(f"{key} (the file has none; it keeps its initialisation)")
         else:
           missing.append(key)
+      if absent:
         continue
-      tree[var_path] = convert(tensors[key], value.shape, f"{path}: {key}").astype(value.dtype)
-      loaded.append(key)
+      shape = value.shape[1:] if stacked else value.shape
+      layers = [convert(tensors[key], shape, f"{path}: {key}") for key in keys]
+      tree[var_path] = (np.stack(layers) if stacked else layers[0]).astype(value.dtype)
+      loaded.extend(keys)
   if not found_prefix:
     raise ValueError(f"model.backbone_weights is set but this model has no pretrained "
                      f"backbone (no '{prefix}' submodule); unset it.")

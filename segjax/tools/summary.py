@@ -147,31 +147,36 @@ def _step_costs(config, height, width, batch, num_classes, trace_for, with_memor
   config.data.crop_size = (height, width)
   config.batch_size = batch
   mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
-  method = methods.build(config, num_classes)
-  seg_rng, other_rng = jax.random.split(jax.random.key(0))
-  init_seg, _ = states_lib.segmenter_init(config, seg_rng, num_classes)
-  states = {name: states_lib.abstract_replicated(init, mesh)
-            for name, init in method.state_inits(other_rng, init_seg).items()}
-  sharding = parallel.batch_sharded(mesh)
-  spec = lambda *shape: jax.ShapeDtypeStruct((batch, height, width, *shape), jnp.uint8,
-                                             sharding=sharding)
-  domain = lambda labels: {"image": spec(3), **({"label": spec()} if labels else {})}
-  batch_spec = {"source": domain(True)}
-  if method.uses_target:
-    batch_spec["target"] = domain(method.target_labels)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
-  lower = lambda method: parallel.train_step(method.step, mesh).lower(states, batch_spec, rng)
-  lowered = lower(method)
+
+  def lower(config):
+    method = methods.build(config, num_classes)
+    seg_rng, other_rng = jax.random.split(jax.random.key(0))
+    init_seg, _ = states_lib.segmenter_init(config, seg_rng, num_classes)
+    states = {name: states_lib.abstract_replicated(init, mesh)
+              for name, init in method.state_inits(other_rng, init_seg).items()}
+    sharding = parallel.batch_sharded(mesh)
+    spec = lambda *shape: jax.ShapeDtypeStruct((batch, height, width, *shape), jnp.uint8,
+                                               sharding=sharding)
+    domain = lambda labels: {"image": spec(3), **({"label": spec()} if labels else {})}
+    batch_spec = {"source": domain(True)}
+    if method.uses_target:
+      batch_spec["target"] = domain(method.target_labels)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
+    return parallel.train_step(method.step, mesh).lower(states, batch_spec, rng)
+
+  lowered = lower(config)
   used = -1
   if with_memory:
     memory = lowered.compile().memory_analysis()
     used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else -1
-  if config.optim.get("accumulate_steps", 1) > 1:
-    # The FLOPs of the whole batch in one pass, which accumulation computes too (cost analysis
-    # counts a loop's body once).
+  # Cost analysis counts a loop's body once: the FLOPs are those of the same step without its
+  # loops, the whole batch in one pass (which accumulation computes too) and unrolled blocks.
+  if config.optim.get("accumulate_steps", 1) > 1 or config.model.get("scan_blocks", False):
     config.optim.accumulate_steps = 1
-    lowered = lower(methods.build(config, num_classes))
+    if "scan_blocks" in config.model:
+      config.model.scan_blocks = False
+    lowered = lower(config)
   # The program as traced, before XLA:CPU rewrites it: the CPU expands a grouped convolution's
   # kernel gradient into a dense one (30x the FLOPs of a depthwise 3x3's), which a GPU does not.
   flops = float(lowered.cost_analysis()["flops"])
@@ -183,6 +188,7 @@ def format_step(record: dict, height: int, width: int, batch: int, config) -> st
   both = f"{batch} + {batch}" if record["method"] != "source_only" else f"{batch}"
   return (f"Training step of adapt.method={record['method']} ({both} images of {height}x{width}, "
           f"model.dtype {config.model.dtype}, model.remat {config.model.get('remat', False)}, "
+          f"model.scan_blocks {config.model.get('scan_blocks', False)}, "
           f"optim.accumulate_steps {config.optim.get('accumulate_steps', 1)}): "
           f"{record['step_flops'] / 1e9:.1f} GFLOPs, {record['step_bytes'] / 2 ** 30:.2f} GiB "
           f"(traced for {record['trace_for']}, compiled and analysed by XLA:"

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.models import layers
+from segjax.models import layers, weights
 
 # name -> (widths, depths); every size has heads 1/2/5/8, reduction ratios 8/4/2/1, MLP ratio 4.
 SIZES = {
@@ -112,18 +112,29 @@ class Block(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, drop_path: jax.Array | None = None) -> jax.Array:
+    """`drop_path`, if given, replaces the field's rate (a scanned stage's traced rates)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = layers.DropPath(self.drop_path, deterministic=not train)
     x = x + drop(Attention(self.heads, self.ratio, name="attn", **kw)(
-        _layer_norm(BLOCK_EPS, "norm1", **kw)(x)))
+        _layer_norm(BLOCK_EPS, "norm1", **kw)(x)), rate=drop_path)
     return x + drop(MixFFN(MLP_RATIO * x.shape[-1], name="mlp", **kw)(
-        _layer_norm(BLOCK_EPS, "norm2", **kw)(x)))
+        _layer_norm(BLOCK_EPS, "norm2", **kw)(x)), rate=drop_path)
 
 
 def block_class(remat: bool) -> type[nn.Module]:
   """`Block`, or with `remat` a Block whose activations are recomputed in the backward pass."""
   return nn.remat(Block, static_argnums=(2,)) if remat else Block
+
+
+def _scan_stage(block: nn.Module, x: jax.Array, train: bool, rates: np.ndarray) -> jax.Array:
+  """`x` through a stage's blocks as one loop over `block`, whose variables stack a leading
+  axis of len(rates) blocks; block i drops its branches at rates[i]."""
+  def body(block, x, rate):
+    return block(x, train, rate), None
+  scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 length=len(rates))
+  return scan(block, x, jnp.asarray(rates, jnp.float32))[0]
 
 
 class MixVisionTransformer(nn.Module):
@@ -132,12 +143,20 @@ class MixVisionTransformer(nn.Module):
   `drop_path_rate` is the last block's stochastic-depth rate, rising linearly
   from 0 over all blocks (0.1 in SegFormer and DAFormer). `remat` recomputes
   each block's activations in the backward pass instead of keeping them.
+
+  `scan` runs each stage's blocks as one loop (`nn.scan`) over a block whose
+  variables stack the stage's blocks on a leading axis, `block{stage}`
+  instead of `block{stage}_{i}`: the same function, compiled once per stage
+  instead of once per block (MiT-B5's 52 blocks). Pretrained weights load
+  into either layout; a checkpoint restores into the layout that wrote it.
+  Stochastic depth draws other keys in the two layouts.
   """
   size: str = "mit_b0"
   drop_path_rate: float = 0.1
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
@@ -153,7 +172,11 @@ class MixVisionTransformer(nn.Module):
       kernel, stride = PATCH[stage - 1]
       x = _conv(width, kernel, stride, kernel // 2, f"patch_embed{stage}_proj", **kw)(x)
       x = _layer_norm(PATCH_EPS, f"patch_embed{stage}_norm", **kw)(x)
-      for i in range(depth):
+      if self.scan:
+        block = block_cls(HEADS[stage - 1], REDUCTION_RATIOS[stage - 1], 0.0,
+                          name=f"block{stage}", **kw)
+        x = _scan_stage(block, x, train, rates[first:first + depth])
+      for i in range(0 if self.scan else depth):
         x = block_cls(HEADS[stage - 1], REDUCTION_RATIOS[stage - 1], float(rates[first + i]),
                       name=f"block{stage}_{i}", **kw)(x, train)
       first += depth
@@ -167,7 +190,8 @@ class MixVisionTransformer(nn.Module):
 
   @staticmethod
   def torch_key(path: tuple[str, ...]) -> str:
-    """The official `mit_b*.pth` key of the variable at `path` (inside this module)."""
+    """The official `mit_b*.pth` key of the variable at `path` (inside this module); a
+    scanned stage's stacked variable gets a key with `weights.LAYER` for the block's number."""
     *modules, leaf = path
     leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
     parts = []
@@ -175,6 +199,7 @@ class MixVisionTransformer(nn.Module):
       # patch_embed1_proj -> patch_embed1.proj, block1_0 -> block1.0, dwconv_dwconv -> dwconv.dwconv
       module = re.sub(r"^(patch_embed\d)_", r"\1.", module)
       module = re.sub(r"^(block\d)_(\d+)$", r"\1.\2", module)
+      module = re.sub(r"^(block\d)$", r"\1." + weights.LAYER, module)
       parts.append(module.replace("dwconv_dwconv", "dwconv.dwconv"))
     return ".".join(parts + [leaf])
 
