@@ -176,9 +176,10 @@ class MixVisionTransformer(nn.Module):
         block = block_cls(HEADS[stage - 1], REDUCTION_RATIOS[stage - 1], 0.0,
                           name=f"block{stage}", **kw)
         x = _scan_stage(block, x, train, rates[first:first + depth])
-      for i in range(0 if self.scan else depth):
-        x = block_cls(HEADS[stage - 1], REDUCTION_RATIOS[stage - 1], float(rates[first + i]),
-                      name=f"block{stage}_{i}", **kw)(x, train)
+      else:
+        for i in range(depth):
+          x = block_cls(HEADS[stage - 1], REDUCTION_RATIOS[stage - 1], float(rates[first + i]),
+                        name=f"block{stage}_{i}", **kw)(x, train)
       first += depth
       x = _layer_norm(BLOCK_EPS, f"norm{stage}", **kw)(x)
       outs.append(x)
