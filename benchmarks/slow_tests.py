@@ -12,7 +12,8 @@ without a discriminator, MPL without discriminators, a SIGKILLed run resumed,
 accumulation with self_training, --state=ema on DAFormer, and the int8 export
 of a model trained 300 steps (99% argmax agreement), VFM-UDA++'s step on 8
 devices against 1 and across a checkpoint round trip (marked `alone`: run one
-at a time, after the others, for their memory).
+at a time, after the others, for their memory), and step_costs.py's tiny run
+of all three of its recipes (CI runs MIC on HRDA's).
 Unlike CI's run, XLA's optimisations stay on (tests/conftest.py), as in
 users' runs.
 """

@@ -154,7 +154,7 @@ def _hub_state(model, directory) -> dict:
 def _load_encoder(size: str, path: str):
   """MixVisionTransformer variables for `size` with the backbone of the file at `path`."""
   encoder = mit.MixVisionTransformer(size)
-  params = encoder.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))["params"]
+  params = jax.jit(encoder.init)(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))["params"]
   loaded, report = weights.load_backbone({"params": {"backbone": params}}, path,
                                          segformer.MiTSegmenter.backbone_torch_key)
   return encoder, loaded["params"]["backbone"], report
@@ -346,7 +346,7 @@ def test_scanned_stages_load_the_same_weights_and_give_the_unrolled_blocks_outpu
   save_file(_official_state_dict(_hub_state(_hf_model("mit_b0"), tmp_path / "hub")), path)
   encoder, unrolled, report = _load_encoder("mit_b0", path)
   scanned_encoder = mit.MixVisionTransformer("mit_b0", scan=True)
-  init = scanned_encoder.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))["params"]
+  init = jax.jit(scanned_encoder.init)(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))["params"]
   assert set(init) >= {"block1", "block4"} and "block1_0" not in init
   loaded, scanned_report = weights.load_backbone({"params": {"backbone": init}}, path,
                                                  segformer.MiTSegmenter.backbone_torch_key)
@@ -356,14 +356,20 @@ def test_scanned_stages_load_the_same_weights_and_give_the_unrolled_blocks_outpu
   jax.tree.map(np.testing.assert_array_equal, scanned, _stacked(unrolled, init))
 
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 45, 61, 3)), jnp.float32)
-  ours = scanned_encoder.apply({"params": scanned}, images)
-  theirs = encoder.apply({"params": unrolled}, images)
+
+  def stages_and_grads(model, params):  # One compile each: the stages and their loss's gradients.
+    def loss(p):
+      stages = model.apply({"params": p}, images)
+      return sum(jnp.mean(s ** 2) for s in stages), stages
+    grads, stages = jax.jit(jax.grad(loss, has_aux=True))(params)
+    return stages, grads
+
+  ours, our_grads = stages_and_grads(scanned_encoder, scanned)
+  theirs, their_grads = stages_and_grads(encoder, unrolled)
   for o, t in zip(ours, theirs):
     np.testing.assert_allclose(np.asarray(o), np.asarray(t), rtol=1e-5, atol=1e-5)
-  loss = lambda model: lambda p: sum(jnp.mean(s ** 2) for s in model.apply({"params": p}, images))
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7),
-               jax.grad(loss(scanned_encoder))(scanned),
-               _stacked(jax.grad(loss(encoder))(unrolled), init))
+               our_grads, _stacked(their_grads, init))
 
 
 def test_scanned_stages_drop_paths_alike_on_any_device_count_with_remat():
@@ -384,7 +390,7 @@ def test_scanned_stages_drop_paths_alike_on_any_device_count_with_remat():
   on8, on1 = run(8), run(1)
   for a, b in zip(on8, on1):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  plain = encoder.apply({"params": params}, x)
+  plain = jax.jit(encoder.apply)({"params": params}, x)
   assert not np.allclose(on1[-1], np.asarray(plain[-1]), atol=1e-3)  # Something was dropped.
 
 
