@@ -183,13 +183,14 @@ def test_processes_read_their_slice_of_the_same_global_batches():
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_iterator_state_resumes_the_exact_stream(num_workers):
+  """Worker processes read the in-process stream (the reference), and resume it exactly."""
   config = test_config.get_config()
-  config.data.num_workers = num_workers
 
-  def make():
+  def make(workers=num_workers):
+    config.data.num_workers = workers
     return iter(pipeline.train_dataset(config, with_target=True, process_index=0,
                                        process_count=1))
-  reference = _take(make(), 5)
+  reference = _take(make(0), 5)
   first = make()
   _take(first, 2)
   state = first.get_state()
