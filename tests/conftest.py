@@ -32,14 +32,7 @@ flags.FLAGS.mark_as_parsed()
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-  """JAX's persistent compilation cache for the runs in subprocesses, shared by the xdist
-  workers: a program one worker's run compiled, the other's reuses (JAX reads a cache entry
-  another process is still writing as a miss)."""
-  if "PYTEST_XDIST_WORKER" not in os.environ:
-    return str(tmp_path_factory.mktemp("jax_cache"))
-  shared = tmp_path_factory.getbasetemp().parent / "jax_cache"
-  shared.mkdir(exist_ok=True)
-  return str(shared)
+  return str(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _once_per_session(tmp_path_factory, name: str, make) -> str:
